@@ -1,0 +1,1 @@
+"""caft: concept-aware fine-tuning of causal language models with auxiliary heads."""
