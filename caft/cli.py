@@ -1,0 +1,135 @@
+"""The `caft` command line.
+
+    caft train --help
+    caft train-heads -ts distilled.jsonl
+    caft export RUN_DIR --out MERGED_DIR
+
+Input errors (bad data, invalid flags, missing files) print one message and exit with code 2,
+without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .config import TrainConfig, add_config_arguments, load_config
+
+logger = logging.getLogger("caft")
+
+EXIT_INPUT_ERROR = 2
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Log caft and transformers messages to stderr; on non-main processes only warnings."""
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.INFO if (rank == 0 or verbose) else logging.WARNING
+    logging.basicConfig(
+        level=level, format=f"%(asctime)s [%(levelname)s] %(name)s{f' rank {rank}' if rank else ''}: %(message)s"
+    )
+    import transformers
+
+    transformers.utils.logging.set_verbosity_warning()
+
+
+def _command_train(args: argparse.Namespace) -> int:
+    from .train import format_head_metrics, run_train
+
+    config = load_config(args)
+    result = run_train(config)
+    _print_summary("caft train", result, format_head_metrics)
+    return 0
+
+
+def _command_train_heads(args: argparse.Namespace) -> int:
+    from .train import format_head_metrics
+    from .train_heads import run_train_heads
+
+    config = load_config(args)
+    result = run_train_heads(config)
+    _print_summary("caft train-heads", result, format_head_metrics)
+    return 0
+
+
+def _print_summary(name, result, format_head_metrics) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    print(f"\n{name} finished in {result.wall_time_s:.0f} s, peak memory {result.peak_memory_mb:.0f} MiB")
+    if result.metrics_before:
+        print("held-out before:", format_head_metrics(result.metrics_before))
+    if result.metrics_after:
+        print("held-out after: ", format_head_metrics(result.metrics_after))
+    print(f"outputs: {result.output_dir}")
+
+
+def _command_export(args: argparse.Namespace) -> int:
+    from .export import export_model
+
+    out = export_model(args.run_dir, args.out, base_model=args.base_model, dtype=args.dtype)
+    print(f"exported to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="caft", description="Concept-aware fine-tuning of causal language models.")
+    parser.add_argument("--verbose", action="store_true", help="Log INFO messages on every process.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="CAFT (or next-token) fine-tuning with LoRA or full weights.")
+    add_config_arguments(train)
+    train.set_defaults(handler=_command_train)
+
+    train_heads = commands.add_parser("train-heads", help="Train only the auxiliary heads on a frozen base model.")
+    add_config_arguments(train_heads)
+    train_heads.set_defaults(handler=_command_train_heads)
+
+    export = commands.add_parser("export", help="Merge a LoRA run into a plain model folder, heads left out.")
+    export.add_argument("run_dir", help="A caft run folder (adapter or full model).")
+    export.add_argument("--out", required=True, help="Folder to write; must not exist or be empty.")
+    export.add_argument("--base-model", default=None, help="Base model of the adapter (default: from adapter_config.json).")
+    export.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="Merge dtype.")
+    export.set_defaults(handler=_command_export)
+
+    for register in _extra_commands():
+        register(commands)
+    return parser
+
+
+def _extra_commands():
+    """Registration functions of the commands that live in their own modules."""
+    registrations = []
+    for module_name in ("caft.evaluate_cli", "caft.distill", "caft.eval_heads", "caft.generate", "caft.inspect", "caft.plots"):
+        try:
+            module = __import__(module_name, fromlist=["register"])
+        except ModuleNotFoundError as error:
+            if error.name != module_name:
+                raise
+            continue
+        registrations.append(module.register)
+    return registrations
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    from .loading import load_environment
+
+    load_environment()
+    from .data import DataError
+
+    try:
+        return args.handler(args)
+    except (DataError, FileNotFoundError, FileExistsError, ValueError) as error:
+        if args.verbose:
+            raise
+        message = str(error) or type(error).__name__
+        print(f"caft {args.command}: error: {message}", file=sys.stderr)
+        print("(run with --verbose for the traceback)", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""The `caft train` pipeline: load, attach heads, optional heads pretraining, CAFT fine-tuning, save.
+
+    caft train -model smollm2 -ts train.jsonl -es eval.jsonl -ftm lora -hpretrain -ft-heads -e 1
+
+Stages:
+1. (with -hpretrain) heads training: the base model is frozen and only the heads learn, for one
+   epoch on the task data, loss sum_k gamma^k * CE_k.
+2. CAFT fine-tuning with LoRA or full weights: CE_0 + beta * s(t) * sum_k gamma^k * CE_k
+   (`--mode default` trains CE_0 alone, the next-token baseline).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import TrainConfig, save_config
+from .heads import HeadsConfig, build_heads, load_heads_state, read_heads_file, save_heads
+from .model import CAFTState, add_auxiliary_heads, unwrap_causal_lm
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    metrics_before: dict = field(default_factory=dict)
+    metrics_after: dict = field(default_factory=dict)
+    train_metrics: dict = field(default_factory=dict)
+    wall_time_s: float = 0.0
+    peak_memory_mb: float = 0.0
+
+
+def resolve_output_dir(config: TrainConfig) -> Path:
+    """Pick the run folder; refuse to write into a non-empty one unless resuming or overwriting."""
+    if config.output_dir is None:
+        model_name = Path(config.model_name_or_path.rstrip("/")).name or "model"
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        config.output_dir = str(Path("runs") / f"{model_name}-{config.mode}-{config.finetune_method}-{stamp}")
+    path = Path(config.output_dir)
+    if path.is_dir() and any(path.iterdir()) and not (config.continue_from_checkpoint or config.overwrite_output_dir):
+        raise FileExistsError(
+            f"Output folder {path} exists and is not empty. Pass another --output-dir, --continue-from-checkpoint "
+            "to resume it, or --overwrite-output-dir to write into it."
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process (CPU) or peak allocated CUDA memory, in MiB."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# Heads ------------------------------------------------------------------------------------------
+
+
+def setup_heads(model: nn.Module, config: TrainConfig) -> None:
+    """Attach heads to the model: loaded from -hdir, or new copies of the last layer."""
+    state = CAFTState(
+        mode=config.mode,
+        beta=config.caft_heads_coefficient,
+        gamma=config.caft_decay_coefficient,
+        schedule=config.caft_scheduler,
+        chunk_size=config.loss_chunk_size,
+    )
+    heads_config = HeadsConfig(
+        num_heads=config.caft_num_heads,
+        num_layers=config.caft_num_layers,
+        arch=config.head_arch,
+        wiring=config.head_wiring,
+        separate_unembed=config.separate_unembed,
+        base_model=config.model_name_or_path,
+    )
+    use_heads = config.mode == "caft" or config.auxiliary_heads_dir or config.heads_pretraining
+    if not use_heads:
+        heads_config.num_heads = 0
+    if config.auxiliary_heads_dir:
+        saved_config, weights, source = read_heads_file(config.auxiliary_heads_dir)
+        if saved_config is not None:
+            for name in ("num_heads", "num_layers", "arch", "wiring", "separate_unembed"):
+                setattr(heads_config, name, getattr(saved_config, name))
+            logger.info("Using the heads in %s (%s)", source, heads_config)
+        heads = build_heads(model, heads_config)
+        load_heads_state(heads, weights, source)
+    else:
+        heads = build_heads(model, heads_config)
+        if config.mode == "caft" and not config.heads_pretraining:
+            logger.warning(
+                "No trained heads given: the %d heads start as copies of the last decoder layer. Train them first with "
+                "-hpretrain or `caft train-heads`, then pass -hdir.",
+                heads_config.num_heads,
+            )
+    add_auxiliary_heads(model, heads=heads, state=state)
+
+
+def set_trainable(model: nn.Module, names_predicate) -> int:
+    """Set requires_grad on exactly the parameters whose name satisfies the predicate; return their count."""
+    total = 0
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(bool(names_predicate(name)))
+        total += parameter.numel() if parameter.requires_grad else 0
+    return total
+
+
+def lora_target_regex(model: nn.Module, targets: list[str], include_heads: bool) -> str:
+    """Build a peft target regex: the named (or all linear) decoder modules, heads only when asked."""
+    from transformers.pytorch_utils import Conv1D
+
+    if targets == ["all-linear"]:
+        names = set()
+        for name, module in model.named_modules():
+            if isinstance(module, (nn.Linear, Conv1D)) and "lm_head" not in name and not name.startswith("caft_heads."):
+                names.add(name.rsplit(".", 1)[-1])
+        names.discard("score")
+    else:
+        names = set(targets)
+    if not names:
+        raise ValueError("No LoRA target modules found; pass --lora-target-modules with module names such as q_proj.")
+    alternatives = "|".join(sorted(re.escape(name) for name in names))
+    prefix = "" if include_heads else r"(?!caft_heads\.)"
+    return rf"^{prefix}(.*\.)?({alternatives})$"
+
+
+def apply_finetune_method(model: nn.Module, config: TrainConfig) -> nn.Module:
+    """Make the stage-2 parameters trainable: LoRA adapters or full weights, heads per -ft-heads."""
+    train_heads = config.finetune_heads and config.mode == "caft"
+    if config.finetune_method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        target = lora_target_regex(model, config.lora_target_modules, include_heads=train_heads)
+        multiplier = config.heads_r_multiplier
+        lora_config = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=target,
+            rank_pattern={r"caft_heads\..*": config.lora_r * multiplier} if train_heads else {},
+            alpha_pattern={r"caft_heads\..*": config.lora_alpha * multiplier} if train_heads else {},
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora_config)
+    else:
+        frozen_unembedding = set()
+        if config.freeze_unembedding:
+            lm_head = model.get_output_embeddings()
+            frozen_unembedding = {id(p) for p in lm_head.parameters()}
+        for name, parameter in model.named_parameters():
+            is_head = name.startswith("caft_heads.")
+            trainable = (train_heads if is_head else True) and id(parameter) not in frozen_unembedding
+            parameter.requires_grad_(trainable)
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+# Trainer setup -----------------------------------------------------------------------------------
+
+
+def training_arguments(config: TrainConfig, output_dir: Path, **overrides):
+    from transformers import TrainingArguments
+
+    has_eval = overrides.pop("has_eval", True)
+    strategy = "steps" if config.eval_steps else "epoch"
+    save_strategy = "steps" if config.save_steps else "epoch"
+    values = dict(
+        output_dir=str(output_dir),
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.per_device_batch_size,
+        per_device_eval_batch_size=config.per_device_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        weight_decay=config.weight_decay,
+        optim=config.optimizer,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_steps,
+        seed=config.seed,
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        eval_strategy=strategy if has_eval else "no",
+        eval_steps=config.eval_steps,
+        save_strategy=save_strategy,
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        report_to=[] if config.report_to == "none" else [config.report_to],
+        remove_unused_columns=False,
+        label_names=["labels"],
+        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        bf16=config.dtype == "bfloat16" and torch.cuda.is_available(),
+        load_best_model_at_end=config.early_stopping_patience is not None and has_eval,
+        metric_for_best_model="eval_loss" if config.early_stopping_patience is not None else None,
+        ddp_find_unused_parameters=False,
+        disable_tqdm=False,
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def make_trainer(model, tokenizer, args, train_rows, eval_rows, collator, early_stopping_patience=None):
+    from transformers import EarlyStoppingCallback
+
+    from .trainer import CAFTTrainer
+
+    callbacks = []
+    if early_stopping_patience is not None and eval_rows:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=early_stopping_patience))
+    return CAFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_rows,
+        eval_dataset=eval_rows or None,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+
+
+def format_head_metrics(metrics: dict, prefix: str = "eval_") -> str:
+    losses = metrics.get(f"{prefix}loss_by_head") or []
+    parts = []
+    for k, loss in enumerate(losses):
+        accuracy = metrics.get(f"{prefix}acc_head_{k}")
+        parts.append(f"head {k}: loss {loss:.4f} top-1 {accuracy:.3f}" if accuracy is not None else f"head {k}: {loss:.4f}")
+    return "; ".join(parts)
+
+
+# Pipeline ----------------------------------------------------------------------------------------
+
+
+def load_data(config: TrainConfig, tokenizer):
+    """Build the tokenized train and held-out rows (the embedded HumanEval split when no file is given)."""
+    from .assets import default_data_paths
+    from .chat import build_dataset
+
+    train_source, eval_source = config.train_set, config.eval_set
+    if train_source is None:
+        default_train, default_eval = default_data_paths()
+        train_source = str(default_train)
+        if eval_source is None:
+            eval_source = str(default_eval)
+    fields = dict(
+        prompt_field=config.prompt_field, response_field=config.response_field, system_field=config.system_field
+    )
+    train_rows, train_stats = build_dataset(
+        train_source, tokenizer, config.model_max_length, size=config.size, seed=config.seed, **fields
+    )
+    logger.info("Training data %s: %s", train_source, train_stats.summary())
+    eval_rows, eval_stats = [], None
+    if eval_source:
+        eval_rows, eval_stats = build_dataset(
+            eval_source, tokenizer, config.model_max_length, size=config.eval_size, seed=config.seed, **fields
+        )
+        logger.info("Held-out data %s: %s", eval_source, eval_stats.summary())
+    return train_rows, eval_rows, train_stats, eval_stats
+
+
+def pretrain_heads(model, tokenizer, config: TrainConfig, output_dir: Path, train_rows, eval_rows, collator) -> dict:
+    """Stage 1 on the task data: only the heads' own parameters learn, the trunk runs under no_grad."""
+    state: CAFTState = model.caft_state
+    previous_mode = state.mode
+    state.mode = "heads_only"
+    trainable = set_trainable(model, lambda name: name.startswith("caft_heads."))
+    logger.info("Heads pretraining: %d trainable parameters, 1 epoch, learning rate %g", trainable, config.heads_pretrain_learning_rate)
+    args = training_arguments(
+        config,
+        output_dir / "heads_pretraining",
+        learning_rate=config.heads_pretrain_learning_rate,
+        num_train_epochs=1,
+        max_steps=-1,
+        per_device_train_batch_size=config.per_device_batch_size * config.pretrain_bs_multiplier,
+        save_strategy="no",
+        eval_strategy="no",
+        load_best_model_at_end=False,
+        gradient_checkpointing=False,
+        gradient_checkpointing_kwargs=None,
+        has_eval=False,
+    )
+    trainer = make_trainer(model, tokenizer, args, train_rows, [], collator)
+    result = trainer.train()
+    save_heads(model.caft_heads, output_dir / "heads_pretrained")
+    state.mode = previous_mode
+    return result.metrics
+
+
+def run_train(config: TrainConfig) -> TrainResult:
+    """Run the whole `caft train` pipeline and return the before/after held-out metrics."""
+    from transformers import set_seed
+
+    from .collator import make_collator
+    from .loading import load_model, load_tokenizer
+
+    start = time.time()
+    output_dir = resolve_output_dir(config)
+    save_config(config, output_dir / "config.yaml")
+    logger.info("Configuration:\n%s", (output_dir / "config.yaml").read_text())
+    set_seed(config.seed)
+
+    tokenizer = load_tokenizer(config.model_name_or_path)
+    train_rows, eval_rows, train_stats, eval_stats = load_data(config, tokenizer)
+    collator = make_collator(tokenizer)
+    model = load_model(config.model_name_or_path, config.dtype, config.load_in_8bit, config.load_in_4bit)
+    model.config.use_cache = False
+    setup_heads(model, config)
+    if tokenizer.chat_template:
+        (output_dir / "chat_template.jinja").write_text(tokenizer.chat_template)
+
+    result = TrainResult(output_dir=output_dir)
+    if config.heads_pretraining and not config.continue_from_checkpoint:
+        result.train_metrics["heads_pretraining"] = pretrain_heads(
+            model, tokenizer, config, output_dir, train_rows, eval_rows, collator
+        )
+
+    model = apply_finetune_method(model, config)
+    trainable, total = count_parameters(model)
+    logger.info("Stage 2 (%s, %s): %d of %d parameters trainable", config.mode, config.finetune_method, trainable, total)
+    args = training_arguments(config, output_dir, has_eval=bool(eval_rows))
+    trainer = make_trainer(model, tokenizer, args, train_rows, eval_rows, collator, config.early_stopping_patience)
+
+    if eval_rows and config.eval_before_training and not config.continue_from_checkpoint:
+        result.metrics_before = trainer.evaluate(metric_key_prefix="eval")
+        logger.info("Held-out before fine-tuning: %s", format_head_metrics(result.metrics_before))
+
+    resume = _newest_checkpoint(output_dir) if config.continue_from_checkpoint else None
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    result.train_metrics["finetuning"] = train_output.metrics
+    if eval_rows:
+        result.metrics_after = trainer.evaluate(metric_key_prefix="eval")
+        logger.info("Held-out after fine-tuning: %s", format_head_metrics(result.metrics_after))
+
+    save_outputs(trainer, model, tokenizer, config, output_dir)
+    result.wall_time_s = time.time() - start
+    result.peak_memory_mb = peak_memory_mb()
+    metrics = {
+        "eval_before": result.metrics_before,
+        "eval": result.metrics_after,
+        "train": result.train_metrics,
+        "data": {"train": train_stats.__dict__, "eval": eval_stats.__dict__ if eval_stats else None},
+        "wall_time_s": round(result.wall_time_s, 1),
+        "peak_memory_mb": round(result.peak_memory_mb, 1),
+    }
+    metrics.update({key: value for key, value in result.metrics_after.items()})
+    if trainer.args.should_save:
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    return result
+
+
+def save_outputs(trainer, model, tokenizer, config: TrainConfig, output_dir: Path) -> None:
+    """Write the fine-tuned adapter or model (no head keys), the heads folder and, if asked, the merged model."""
+    trainer.save_model(str(output_dir))
+    if not trainer.args.should_save:
+        return
+    causal_lm = unwrap_causal_lm(model)
+    if len(causal_lm.caft_heads):
+        save_heads(causal_lm.caft_heads, output_dir / "heads")
+    heads_checkpoint = output_dir / "caft_heads.safetensors"
+    if heads_checkpoint.exists():
+        heads_checkpoint.unlink()  # only checkpoints need the raw heads state; the heads/ folder is the artifact
+    if config.caft_save_combined_model and config.finetune_method == "lora":
+        from .export import merge_adapter_model
+
+        merge_adapter_model(model, tokenizer, output_dir / "merged")
+
+
+def _newest_checkpoint(output_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if last is None:
+        logger.warning("No checkpoint found in %s; training starts from the beginning.", output_dir)
+    return last

@@ -1,0 +1,236 @@
+"""CAFTTrainer: a transformers Trainer that computes the CAFT loss and logs every head.
+
+What it changes in the Trainer:
+- `_get_num_items_in_batch` counts valid targets per head over all micro-batches of an optimizer
+  step and all processes; the model normalises each head's summed loss by that count.
+- `compute_loss` updates the head schedule s(t), calls the model (which computes the CAFT loss in its
+  forward) and collects per-head loss sums, target counts and top-1 hits for the logs.
+- `log` adds `loss_head_k` and `acc_head_k` (token-weighted over the logging window).
+- Saving writes the model or adapter without head keys, plus the heads as their own folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from transformers import TrainerCallback
+
+from .heads import save_heads
+from .loss import count_targets, schedule_value
+from .model import unwrap_causal_lm
+
+logger = logging.getLogger(__name__)
+
+HEADS_CHECKPOINT_NAME = "caft_heads.safetensors"
+REAL_EVAL_DECAY = 0.8
+
+_BaseTrainer = transformers.Trainer
+
+
+def caft_compute_metrics(eval_prediction) -> dict:
+    """Turn the gathered per-row head statistics into exact token-weighted per-head metrics.
+
+    `eval_loss_by_head` lists head 0 first; `eval_real_eval_loss` is sum_k 0.8^k * loss_k, the
+    figure the original CAFT code reports.
+    """
+    stats = eval_prediction.predictions
+    if isinstance(stats, (tuple, list)):
+        stats = stats[0]
+    totals = np.asarray(stats, dtype=np.float64).reshape(-1, *np.shape(stats)[-2:]).sum(axis=0)  # (heads, 3)
+    counts = np.maximum(totals[:, 1], 1.0)
+    losses = totals[:, 0] / counts
+    accuracies = totals[:, 2] / counts
+    metrics = {"loss_by_head": [round(float(x), 6) for x in losses]}
+    metrics["real_eval_loss"] = float(sum(REAL_EVAL_DECAY**k * loss for k, loss in enumerate(losses)))
+    for k, (loss, accuracy, count) in enumerate(zip(losses, accuracies, totals[:, 1])):
+        metrics[f"loss_head_{k}"] = float(loss)
+        metrics[f"acc_head_{k}"] = float(accuracy)
+        metrics[f"targets_head_{k}"] = int(count)
+    return metrics
+
+
+def preprocess_logits_for_metrics(logits, labels):
+    """Keep the (B, heads, 3) statistics tensor the CAFT forward returns in place of vocabulary logits."""
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    return logits
+
+
+class CAFTSaveLogging(TrainerCallback):
+    """Append every training and evaluation log to `<output_dir>/loss_log.csv` (main process only)."""
+
+    def __init__(self, filename: str = "loss_log.csv"):
+        self.filename = filename
+        self.columns: list[str] | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        split = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        row = {"step": state.global_step, "epoch": logs.get("epoch", state.epoch), "split": split}
+        for key, value in logs.items():
+            name = key[len("eval_"):] if key.startswith("eval_") else key
+            if isinstance(value, (int, float)) and name not in ("epoch",):
+                row[name] = value
+        path = Path(args.output_dir) / self.filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if self.columns is None:
+            self.columns = _csv_columns(path)
+        new_columns = [key for key in row if key not in (self.columns or [])]
+        if self.columns is None or new_columns:
+            self.columns = (self.columns or []) + new_columns
+            _rewrite_with_columns(path, self.columns)
+        with open(path, "a", newline="") as handle:
+            csv.DictWriter(handle, fieldnames=self.columns).writerow(row)
+
+
+def _csv_columns(path: Path) -> list[str] | None:
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    with open(path, newline="") as handle:
+        return next(csv.reader(handle), None)
+
+
+def _rewrite_with_columns(path: Path, columns: list[str]) -> None:
+    """Rewrite the CSV with a widened header, keeping every existing row."""
+    rows = []
+    if path.is_file() and path.stat().st_size > 0:
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+class CAFTTrainer(_BaseTrainer):
+    """A Trainer for models with auxiliary heads (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("compute_metrics", caft_compute_metrics)
+        kwargs.setdefault("preprocess_logits_for_metrics", preprocess_logits_for_metrics)
+        callbacks = list(kwargs.get("callbacks") or [])
+        if not any(isinstance(c, CAFTSaveLogging) or c is CAFTSaveLogging for c in callbacks):
+            callbacks.append(CAFTSaveLogging())
+        kwargs["callbacks"] = callbacks
+        super().__init__(*args, **kwargs)
+        if self.args.label_names is None:
+            self.args.label_names = ["labels"]
+        self.label_names = self.args.label_names
+        # The model normalises by counts over the whole optimizer step, so the Trainer must not divide again.
+        self.loss_is_scaled_for_ga = True
+        self._head_stats: torch.Tensor | None = None
+
+    @property
+    def caft_model(self):
+        return unwrap_causal_lm(self.model)
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.caft_model.caft_heads)
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        """Count each head's valid targets over all micro-batches of the step and all processes.  # (heads + 1,)"""
+        if not batch_samples or "labels" not in batch_samples[0]:
+            return None
+        counts = sum(
+            count_targets(batch["labels"], self.num_heads, batch.get("position_ids")).to(device)
+            for batch in batch_samples
+        )
+        if self.args.world_size > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        return counts
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        state = self.caft_model.caft_state
+        state.step = self.state.global_step
+        state.schedule_value = schedule_value(state.schedule, self.state.global_step, max(self.state.max_steps, 1))
+
+        training = model.training
+        per_head_counts = torch.is_tensor(num_items_in_batch) and num_items_in_batch.dim() == 1
+        if training and per_head_counts:
+            inputs = {**inputs, "caft_num_items": num_items_in_batch}
+        outputs = model(**inputs)
+        loss = outputs["loss"]
+        if training and per_head_counts and self.args.world_size > 1:
+            # DDP averages gradients over processes, but each process's loss is already a share of the global sum.
+            loss = loss * self.args.world_size
+        if training and outputs.get("head_stats") is not None:
+            stats = outputs["head_stats"].detach()
+            self._head_stats = stats if self._head_stats is None else self._head_stats + stats
+        if not training:
+            # Evaluation gathers every output but the loss; keep only the (B, heads, 3) row statistics.
+            outputs = type(outputs)(loss=outputs["loss"], logits=outputs["logits"])
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs and self._head_stats is not None:
+            stats = self._head_stats
+            if self.args.world_size > 1:
+                stats = self.accelerator.reduce(stats, reduction="sum")
+            counts = stats[:, 1].clamp(min=1)
+            for k in range(stats.shape[0]):
+                logs[f"loss_head_{k}"] = round(float(stats[k, 0] / counts[k]), 6)
+                logs[f"acc_head_{k}"] = round(float(stats[k, 2] / counts[k]), 6)
+            logs["caft_schedule"] = round(self.caft_model.caft_state.schedule_value, 6)
+            self._head_stats = None
+            for k in range(stats.shape[0]):
+                if not math.isfinite(logs[f"loss_head_{k}"]):
+                    raise FloatingPointError(f"Head {k} logged a non-finite loss at step {self.state.global_step}.")
+        super().log(logs, start_time)
+
+    # Saving -----------------------------------------------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Save the model or adapter without head keys, the heads folder, and the heads' raw state for resuming."""
+        output_dir = output_dir or self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        if state_dict is None:
+            state_dict = model.state_dict()
+        plain_state = {key: value for key, value in state_dict.items() if "caft_heads." not in key}
+        heads_state = {
+            key.split("caft_heads.", 1)[1]: value.detach().cpu().contiguous()
+            for key, value in state_dict.items()
+            if "caft_heads." in key
+        }
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        model.save_pretrained(output_dir, state_dict=plain_state, safe_serialization=True)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        if heads_state:
+            from safetensors.torch import save_file
+
+            save_file(heads_state, os.path.join(output_dir, HEADS_CHECKPOINT_NAME), metadata={"format": "pt"})
+            save_heads(self.caft_model.caft_heads, os.path.join(output_dir, "heads"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, HEADS_CHECKPOINT_NAME)
+        if os.path.isfile(path):
+            from safetensors.torch import load_file
+
+            heads = unwrap_causal_lm(model or self.model).caft_heads
+            missing, unexpected = heads.load_state_dict(load_file(path), strict=False)
+            if missing or unexpected:
+                raise ValueError(f"Checkpoint {path} does not match the heads: missing {missing}, unexpected {unexpected}.")
+
+
+def add_caft_loss(transformers_module=transformers):
+    """Make `transformers.Trainer` construct a CAFTTrainer, as the original CAFT API does.
+
+    Usage: `add_caft_loss(transformers)` once, then build `transformers.Trainer(...)` as usual.
+    """
+    transformers_module.Trainer = CAFTTrainer
+    return transformers_module
