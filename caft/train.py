@@ -343,7 +343,7 @@ def run_train(config: TrainConfig) -> TrainResult:
     train_output = trainer.train(resume_from_checkpoint=resume)
     result.train_metrics["finetuning"] = train_output.metrics
     if eval_rows:
-        result.metrics_after = trainer.evaluate(metric_key_prefix="eval")
+        result.metrics_after = _final_eval_metrics(trainer) or trainer.evaluate(metric_key_prefix="eval")
         logger.info("Held-out after fine-tuning: %s", format_head_metrics(result.metrics_after))
 
     save_outputs(trainer, model, tokenizer, config, output_dir)
@@ -378,6 +378,16 @@ def save_outputs(trainer, model, tokenizer, config: TrainConfig, output_dir: Pat
         from .export import merge_adapter_model
 
         merge_adapter_model(model, tokenizer, output_dir / "merged")
+
+
+def _final_eval_metrics(trainer) -> dict | None:
+    """Reuse the Trainer's own evaluation when it ran at the final step (and no best model was reloaded)."""
+    if trainer.args.load_best_model_at_end:
+        return None
+    for entry in reversed(trainer.state.log_history):
+        if "eval_loss" in entry:
+            return dict(entry) if entry.get("step") == trainer.state.global_step else None
+    return None
 
 
 def _newest_checkpoint(output_dir: Path) -> str | None:
