@@ -289,21 +289,20 @@ def read_heads_from_hub(repo_id: str) -> tuple[HeadsConfig | None, dict[str, tor
 
     try:
         try:
-            config_file = hf_hub_download(repo_id, CONFIG_NAME)
             weights_file = hf_hub_download(repo_id, WEIGHTS_NAME)
-            return read_heads_file(Path(weights_file).parent) if Path(config_file).parent == Path(
-                weights_file
-            ).parent else read_heads_file(weights_file)
+            config_file = hf_hub_download(repo_id, CONFIG_NAME)
         except EntryNotFoundError:
-            weights_file = hf_hub_download(repo_id, "heads.pth")
-            return None, torch.load(weights_file, map_location="cpu", weights_only=True), f"{repo_id}/heads.pth"
+            pth_file = hf_hub_download(repo_id, "heads.pth")
+            return None, torch.load(pth_file, map_location="cpu", weights_only=True), f"{repo_id}/heads.pth"
     except (OSError, ValueError) as error:
-        if isinstance(error, FileNotFoundError):
-            raise
         raise FileNotFoundError(
             f"Could not download auxiliary heads from the hub repo {repo_id} ({type(error).__name__}: {error}). "
             "Without network access, pass a local heads folder or heads.pth with -hdir/--auxiliary-heads-dir."
         ) from error
+    config = HeadsConfig.from_dict(json.loads(Path(config_file).read_text()))
+    from safetensors.torch import load_file
+
+    return config, load_file(weights_file), repo_id
 
 
 def load_heads_state(heads: AuxiliaryHeads, state: dict[str, torch.Tensor], source: str) -> None:
