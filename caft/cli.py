@@ -107,7 +107,8 @@ def _extra_commands():
             if error.name != module_name:
                 raise
             continue
-        registrations.append(module.register)
+        if hasattr(module, "register"):
+            registrations.append(module.register)
     return registrations
 
 

@@ -1,0 +1,178 @@
+"""The `caft` command in real subprocesses: help, a full run with a tiny model, input errors and config files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from caft.config import TrainConfig, load_config
+from caft.cli import build_parser
+
+ORIGINAL_FLAGS = [
+    "--model-name-or-path", "-model", "--model-max-length", "-maxlen", "--finetune-method", "-ftm",
+    "--learning-rate", "-lr", "--epochs", "-e", "--freeze-unembedding", "-fr-unembed",
+    "--per-device-batch-size", "-micro-bs", "--gradient-accumulation-steps", "-grad-acc",
+    "--heads-pretraining", "-hpretrain", "--finetune-heads", "-ft-heads", "--train-set", "-ts",
+    "--eval-set", "-es", "--size", "-sz", "--eval-size", "-esz", "--mode", "-m", "--weight-decay", "-wd",
+    "--optimizer", "-optim", "--lr-scheduler-type", "-lr-sched", "--warmup-steps", "-warmup",
+    "--caft-num-heads", "-heads", "--caft-num-layers", "-layers", "--caft-heads-coefficient", "-hcoef",
+    "--caft-decay-coefficient", "-decay", "--caft-scheduler", "-sched", "--auxiliary-heads-dir", "-hdir",
+    "--separate-unembed", "-sepunembed", "--head-arch", "-harch", "--pretrain-bs-multiplier",
+    "-heads-bs-multi", "--lora-r", "-r", "--lora-alpha", "-a", "--lora-dropout", "-dropout",
+    "--lora-target-modules", "-lora-target", "--heads-r-multiplier", "-r-multi", "--load-in-8bit", "-8bit",
+    "--load-in-4bit", "-4bit", "--gradient-checkpointing", "-grad-ckpt", "--continue-from-checkpoint",
+    "-cont-ckpt", "--caft-save-combined-model", "-save-combined", "--output-dir", "--max-steps", "--seed",
+    "--head-wiring", "--config", "--report-to",
+]
+
+
+def run_caft(*args, cwd=None, timeout=600):
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(
+        [sys.executable, "-m", "caft.cli", *map(str, args)],
+        capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout,
+    )
+
+
+def test_help_lists_every_original_flag():
+    result = run_caft("train", "--help")
+    assert result.returncode == 0
+    for flag in ORIGINAL_FLAGS:
+        assert f"{flag} " in result.stdout or f"{flag}," in result.stdout or f"{flag}\n" in result.stdout, flag
+
+
+def test_short_and_long_flags_parse_to_the_same_config():
+    parser = build_parser()
+    short = load_config(parser.parse_args(["train", "-ftm", "sft", "-lr", "5e-6", "-fr-unembed", "-heads", "3",
+                                           "-sched", "sine_0.5", "-micro-bs", "2", "-grad-acc", "4"]))
+    long = load_config(parser.parse_args(["train", "--finetune-method", "sft", "--learning-rate", "5e-6",
+                                          "--freeze-unembedding", "--caft-num-heads", "3", "--caft-scheduler",
+                                          "sine_0.5", "--per-device-batch-size", "2",
+                                          "--gradient-accumulation-steps", "4"]))
+    assert short == long
+    assert short.learning_rate == 5e-6 and short.freeze_unembedding and short.caft_num_heads == 3
+
+
+def test_yaml_config_is_overridden_by_flags(tmp_path):
+    (tmp_path / "run.yaml").write_text("learning_rate: 0.001\nlora_r: 32\ncaft_scheduler: linear\n")
+    parser = build_parser()
+    config = load_config(parser.parse_args(["train", "--config", str(tmp_path / "run.yaml"), "-r", "4"]))
+    assert config.learning_rate == 0.001
+    assert config.lora_r == 4
+    assert config.caft_scheduler == "linear"
+    (tmp_path / "bad.yaml").write_text("learning_rat: 0.001\n")
+    with pytest.raises(ValueError, match="unknown settings \\['learning_rat'\\]"):
+        load_config(parser.parse_args(["train", "--config", str(tmp_path / "bad.yaml")]))
+
+
+def test_invalid_values_are_rejected():
+    with pytest.raises(ValueError, match="--caft-scheduler"):
+        TrainConfig(caft_scheduler="cosine")
+    with pytest.raises(ValueError, match=r"r must be in \(0, 1\]"):
+        TrainConfig(caft_scheduler="sine_2")
+    with pytest.raises(ValueError, match="--freeze-unembedding applies to -ftm sft"):
+        TrainConfig(freeze_unembedding=True, finetune_method="lora")
+
+
+def tiny_run_args(model_dir, gsm8k_files, out, *extra):
+    train, test = gsm8k_files
+    return ["train", "-model", model_dir, "-ts", train, "-es", test, "--prompt-field", "question",
+            "--response-field", "answer", "-maxlen", "128", "-micro-bs", "4", "--max-steps", "2",
+            "--logging-steps", "1", "--output-dir", out, *extra]
+
+
+def test_lora_run_with_heads_pretraining_writes_every_output(tiny_model_dir, gsm8k_files, tmp_path):
+    out = tmp_path / "run"
+    result = run_caft(*tiny_run_args(tiny_model_dir, gsm8k_files, out, "-ftm", "lora", "-hpretrain", "-ft-heads",
+                                     "-r-multi", "2", "-save-combined"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("config.yaml", "loss_log.csv", "metrics.json", "adapter_config.json", "adapter_model.safetensors",
+                 "heads/config.json", "heads/model.safetensors", "heads_pretrained/model.safetensors",
+                 "chat_template.jinja", "merged/model.safetensors"):
+        assert (out / name).is_file(), name
+    adapter_keys = load_file(str(out / "adapter_model.safetensors")).keys()
+    assert adapter_keys and not [key for key in adapter_keys if "caft_heads" in key]
+    merged_keys = load_file(str(out / "merged" / "model.safetensors")).keys()
+    assert not [key for key in merged_keys if "caft_heads" in key or "lora" in key]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["eval_loss_by_head"]) == 5
+    assert len(metrics["eval_before"]["eval_loss_by_head"]) == 5
+    train_stats = metrics["data"]["train"]
+    assert train_stats["rows_read"] == 16
+    assert train_stats["rows_kept"] + sum(train_stats["skipped"].values()) == 16
+    if train_stats["skipped"]:
+        assert "truncation" in " ".join(train_stats["skipped"]) and "truncation" in result.stderr
+    assert "held-out before" in result.stdout and "held-out after" in result.stdout
+    # The heads trained in stage 2 with LoRA are saved merged, so they differ from the pretrained ones.
+    pretrained = load_file(str(out / "heads_pretrained" / "model.safetensors"))
+    final = load_file(str(out / "heads" / "model.safetensors"))
+    assert pretrained.keys() == final.keys()
+    assert any(not (pretrained[key] == final[key]).all() for key in pretrained)
+
+
+def test_full_finetuning_with_frozen_unembedding(tiny_model_dir, gsm8k_files, tmp_path):
+    out = tmp_path / "run"
+    result = run_caft(*tiny_run_args(tiny_model_dir, gsm8k_files, out, "-ftm", "sft", "-lr", "1e-3", "-fr-unembed",
+                                     "-heads", "2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    before = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    after = load_file(str(out / "model.safetensors"))
+    assert not [key for key in after if "caft_heads" in key]
+    assert (before["model.embed_tokens.weight"] == after["model.embed_tokens.weight"]).all()
+    assert not (before["model.layers.0.mlp.up_proj.weight"] == after["model.layers.0.mlp.up_proj.weight"]).all()
+
+
+def test_default_mode_runs_next_token_baseline(tiny_model_dir, gsm8k_files, tmp_path):
+    out = tmp_path / "run"
+    result = run_caft(*tiny_run_args(tiny_model_dir, gsm8k_files, out, "--mode", "default"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["eval_loss_by_head"]) == 1
+    assert not (out / "heads").exists()
+
+
+def test_bad_data_exits_2_naming_file_and_line(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "a", "answer": "b"}\n{"question": "c", "answer": \n')
+    result = run_caft("train", "-model", tiny_model_dir, "-ts", bad, "--prompt-field", "question",
+                      "--response-field", "answer", "--output-dir", tmp_path / "out")
+    assert result.returncode == 2
+    assert "bad.jsonl" in result.stderr and "line 2" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_existing_output_dir_is_not_overwritten(tiny_model_dir, gsm8k_files, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("important")
+    result = run_caft(*tiny_run_args(tiny_model_dir, gsm8k_files, out))
+    assert result.returncode == 2
+    assert "exists and is not empty" in result.stderr
+    assert (out / "keep.txt").read_text() == "important"
+
+
+def test_quantized_loading_on_cpu_is_a_clear_error(tiny_model_dir, gsm8k_files, tmp_path):
+    result = run_caft(*tiny_run_args(tiny_model_dir, gsm8k_files, tmp_path / "run", "-4bit"))
+    assert result.returncode == 2
+    assert "need a CUDA GPU" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_train_heads_command_saves_heads_each_epoch(tiny_model_dir, gsm8k_files, tmp_path):
+    train, test = gsm8k_files
+    out = tmp_path / "heads-run"
+    result = run_caft("train-heads", "-model", tiny_model_dir, "-ts", train, "-es", test, "--prompt-field", "question",
+                      "--response-field", "answer", "-maxlen", "128", "-micro-bs", "8", "-e", "2", "-heads", "3",
+                      "--output-dir", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("heads/config.json", "heads/README.md", "heads-epoch-1/model.safetensors",
+                 "heads-epoch-2/model.safetensors"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    before, after = metrics["eval_before"]["eval_loss_by_head"], metrics["eval"]["eval_loss_by_head"]
+    assert before[0] == pytest.approx(after[0], rel=1e-6)  # the base model is frozen
+    assert sum(after[1:]) < sum(before[1:])  # the heads learned
