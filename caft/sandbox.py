@@ -7,14 +7,14 @@
 What the sandbox does, per program:
 
 - runs it in a fresh `python -I` interpreter (isolated mode: no user site-packages, PYTHON*
-  variables ignored, the script folder not on sys.path) in a new session, so it has its own
+  variables ignored, the working directory not on sys.path) in a new session, so it has its own
   process group;
 - gives it a new temporary working directory that is deleted afterwards;
 - builds the environment from scratch with only PATH and LANG, so no token, key or secret of
   the caller is inherited;
-- connects stdin to /dev/null (`input()` raises EOFError) and reads stdout and stderr through
-  pipes, keeping only the last OUTPUT_TAIL_BYTES of each; more than `max_output_bytes` of
-  output in total kills the program;
+- connects stdin to /dev/null, so `input()` raises EOFError;
+- reads stdout and stderr through pipes and keeps only the last OUTPUT_TAIL_BYTES of each.
+  More than `max_output_bytes` of output in total kills the program;
 - sets kernel limits in the child before the program starts: RLIMIT_AS (address space,
   `memory_mb`), RLIMIT_CPU, RLIMIT_FSIZE (size of written files), RLIMIT_NOFILE, RLIMIT_CORE=0
   and, when not running as root, RLIMIT_NPROC (the kernel ignores it for root);
@@ -121,10 +121,12 @@ def _report(fd, line):
 def _main():
     path, status_fd = sys.argv[1], int(sys.argv[2])
     memory_bytes, cpu_s, file_bytes, open_files, nproc_margin = map(int, sys.argv[3:8])
+
     _set_limit(resource.RLIMIT_CORE, 0)
     _set_limit(resource.RLIMIT_CPU, cpu_s, cpu_s + 1)
     _set_limit(resource.RLIMIT_FSIZE, file_bytes)
     _set_limit(resource.RLIMIT_NOFILE, open_files)
+    # NOTE: the tests run as root, so this branch has not been run by them.
     if os.getuid() != 0:
         _set_limit(resource.RLIMIT_NPROC, _count_user_tasks(os.getuid()) + nproc_margin)
     with open(path, encoding="utf-8") as file:
@@ -133,6 +135,7 @@ def _main():
     sys.argv = [path]
     namespace = {"__name__": "__main__", "__file__": path, "__builtins__": __builtins__}
     _set_limit(resource.RLIMIT_AS, memory_bytes)
+
     try:
         exec(compile(source, path, "exec"), namespace)
     except SystemExit as error:
@@ -148,6 +151,7 @@ def _main():
         line = "error " + type(error).__name__
     else:
         line = "passed"
+
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -287,7 +291,10 @@ def run_code(
     *,
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
 ) -> ExecResult:
-    """Run `program` in a sandboxed `python -I` child and return how it ended; never raises for its faults.
+    """Run `program` in a sandboxed `python -I` child and return how it ended.
+
+    Exceptions, crashes and hangs of the program come back as a failed ExecResult; only invalid
+    arguments (ValueError) or a failure to create the temporary directory (OSError) raise here.
 
     `timeout_s` bounds wall-clock time, `memory_mb` the child's address space, and `cpu_s` its
     CPU seconds (default: the timeout rounded up, plus one). See the module docstring for what

@@ -131,8 +131,8 @@ def pass_at_1(results: Sequence) -> float:
     """Compute pass@1 as the fraction of problems solved.
 
     Each item is one problem's outcome: a bool, an object with a `passed` attribute (such as
-    `ExecResult`), or a sequence of those for several samples of the problem, which counts as
-    the fraction of its samples that passed (the unbiased pass@1 estimate for n samples).
+    `ExecResult`), or a list of those for several samples of the problem. A list counts as
+    the fraction of its samples that passed, which is the unbiased pass@1 estimate.
     """
     if len(results) == 0:
         raise ValueError("pass_at_1 needs at least one result")
