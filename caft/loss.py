@@ -20,7 +20,10 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .fused_ce import frozen_linear_cross_entropy
 
 IGNORE_INDEX = -100
 SCHEDULES = ("constant", "linear", "sine", "rsine", "sine_<r>")
@@ -87,6 +90,27 @@ def count_targets(labels: torch.Tensor, num_heads: int, position_ids: torch.Tens
     return torch.stack(counts).long()
 
 
+class Unembedding:
+    """Hidden states to logits: an unembedding module (lm_head) with optional logit softcapping (Gemma)."""
+
+    def __init__(self, module: nn.Module, softcap: float | None = None):
+        self.module = module
+        self.softcap = softcap or None
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.module(hidden)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def frozen_linear(self) -> bool:
+        """Whether it is a plain, frozen nn.Linear, so the fused cross-entropy applies."""
+        module = self.module
+        if type(module) is not nn.Linear or module.weight.requires_grad:
+            return False
+        return module.bias is None or not module.bias.requires_grad
+
+
 def _token_losses(hidden: torch.Tensor, targets: torch.Tensor, unembed: Callable) -> tuple[torch.Tensor, torch.Tensor]:
     """Unembed hidden states, return per-token cross-entropy (float32) and top-1 hits.  # (N,), (N,)"""
     logits = unembed(hidden).float()  # (N, V)
@@ -114,8 +138,10 @@ def chunked_head_loss(
     """Summed cross-entropy of one head, unembedding only positions with a valid target, chunk by chunk.
 
     hidden: (B, S, H) states at the positions that predict `targets` (B, S). Ignored positions are
-    dropped before the unembedding, and each chunk's logits are recomputed in the backward pass
-    (activation checkpointing), so at most one (chunk_size, V) logits tensor exists at a time.
+    dropped before the unembedding. With a frozen plain nn.Linear unembedding the gradient for the
+    states is computed during the forward pass (fused_ce.py); otherwise each chunk's logits are
+    recomputed in the backward pass (activation checkpointing). Either way at most one
+    (chunk_size, V) logits tensor exists at a time.
     With no valid target, the loss is 0 but still attached to every parameter the head uses.
     """
     batch = hidden.shape[0]
@@ -129,11 +155,22 @@ def chunked_head_loss(
 
     selected = hidden[rows, positions]  # (N, H)
     flat_targets = targets[rows, positions]  # (N,)
+    needs_grad = torch.is_grad_enabled() and selected.requires_grad
+    if needs_grad and isinstance(unembed, Unembedding) and unembed.frozen_linear():
+        module = unembed.module
+        loss_sum, losses, hits = frozen_linear_cross_entropy(
+            selected, module.weight, module.bias, flat_targets, chunk_size, unembed.softcap
+        )
+        row_stats[:, 0].index_add_(0, rows, losses.detach())
+        row_stats[:, 1].index_add_(0, rows, torch.ones_like(losses))
+        row_stats[:, 2].index_add_(0, rows, hits.float())
+        return HeadLoss(loss_sum, valid.sum(), hits.sum(), row_stats)
+
     loss_sum = hidden.new_zeros((), dtype=torch.float32)
     correct = torch.zeros((), dtype=torch.long, device=hidden.device)
     for start in range(0, selected.shape[0], chunk_size):
         end = start + chunk_size
-        if torch.is_grad_enabled() and selected.requires_grad:
+        if needs_grad:
             losses, hits = checkpoint(
                 _token_losses, selected[start:end], flat_targets[start:end], unembed, use_reentrant=False
             )

@@ -20,7 +20,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .heads import AuxiliaryHeads, HeadsConfig, build_heads, find_decoder, find_decoder_layers, find_final_norm
-from .loss import HeadLoss, chunked_head_loss, combine_head_losses, head_targets, head_weights
+from .loss import HeadLoss, Unembedding, chunked_head_loss, combine_head_losses, head_targets, head_weights
 
 logger = logging.getLogger(__name__)
 
@@ -149,18 +149,11 @@ def remove_auxiliary_heads(model: nn.Module) -> AuxiliaryHeads:
     return heads
 
 
-def make_unembed(model: nn.Module, own_head: nn.Module | None = None):
-    """Return a function mapping hidden states to logits: lm_head (or a head's own), with any logit softcapping."""
+def make_unembed(model: nn.Module, own_head: nn.Module | None = None) -> Unembedding:
+    """Return the map from hidden states to logits: lm_head (or a head's own), with any logit softcapping."""
     lm_head = own_head if own_head is not None else model.get_output_embeddings()
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-
-    def unembed(hidden: torch.Tensor) -> torch.Tensor:
-        logits = lm_head(hidden)
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return logits
-
-    return unembed
+    return Unembedding(lm_head, softcap)
 
 
 def _head_layer_inputs(capture: _Capture) -> tuple[torch.Tensor, tuple, dict]:

@@ -153,3 +153,37 @@ def test_unknown_schedule_is_rejected():
         schedule_value("cosine", 1, 10)
     with pytest.raises(ValueError, match="sine_<r>"):
         schedule_value("sine_abc", 1, 10)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("chunk_size", [2, 1024])
+def test_fused_frozen_unembedding_equals_plain(softcap, chunk_size):
+    from caft.loss import Unembedding
+
+    torch.manual_seed(2)
+    lm_head = torch.nn.Linear(16, 50, bias=True).requires_grad_(False)
+    unembed = Unembedding(lm_head, softcap)
+    assert unembed.frozen_linear()
+    labels = torch.randint(0, 50, (3, 10))
+    labels[1, :6] = IGNORE_INDEX
+    for k in range(3):
+        targets = head_targets(labels, k)
+        hidden = torch.randn(3, targets.shape[1], 16, requires_grad=True)
+        plain = plain_head_loss(hidden, targets, unembed)
+        (plain_grad,) = torch.autograd.grad(plain * 0.7, hidden)
+        fused = chunked_head_loss(hidden, targets, unembed, chunk_size=chunk_size)
+        (fused_grad,) = torch.autograd.grad(fused.loss_sum * 0.7, hidden)
+        assert torch.allclose(fused.loss_sum, plain, rtol=1e-5), f"head {k}"
+        assert torch.allclose(fused_grad, plain_grad, rtol=1e-4, atol=1e-6), f"head {k}"
+        predictions = unembed(hidden).argmax(-1)
+        valid = targets != IGNORE_INDEX
+        assert int(fused.correct) == int(((predictions == targets) & valid).sum())
+
+
+def test_trainable_or_wrapped_unembedding_uses_checkpointed_path():
+    from caft.loss import Unembedding
+
+    trainable = torch.nn.Linear(4, 8)
+    assert not Unembedding(trainable).frozen_linear()
+    wrapped = torch.nn.Sequential(torch.nn.Linear(4, 8)).requires_grad_(False)
+    assert not Unembedding(wrapped).frozen_linear()

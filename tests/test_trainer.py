@@ -50,10 +50,12 @@ def sgd_args(tmp_path, batch_size, accumulation, **extra):
     )
 
 
-def one_sgd_step(tmp_path, batch_size, accumulation, mode="caft"):
+def one_sgd_step(tmp_path, batch_size, accumulation, mode="caft", freeze_unembedding=False):
     """Run one real Trainer step with SGD at lr 1 and return -delta per parameter (the gradient)."""
-    model = tiny_model("llama")
+    model = tiny_model("llama", tie_word_embeddings=False)
     add_auxiliary_heads(model, num_heads=3)
+    if freeze_unembedding:  # exercises the fused cross-entropy path
+        model.lm_head.requires_grad_(False)
     model.caft_state.mode = mode
     model.caft_state.schedule = "constant"
     model.caft_state.beta = 0.5
@@ -68,10 +70,10 @@ def one_sgd_step(tmp_path, batch_size, accumulation, mode="caft"):
     return {name: before[name] - p.detach() for name, p in model.named_parameters()}, trainer
 
 
-@pytest.mark.parametrize("mode", ["caft", "heads_only"])
-def test_accumulation_matches_one_big_batch_per_head(tmp_path, mode):
-    big, _ = one_sgd_step(tmp_path / "big", batch_size=4, accumulation=1, mode=mode)
-    small, trainer = one_sgd_step(tmp_path / "small", batch_size=1, accumulation=4, mode=mode)
+@pytest.mark.parametrize("mode,frozen", [("caft", False), ("caft", True), ("heads_only", False)])
+def test_accumulation_matches_one_big_batch_per_head(tmp_path, mode, frozen):
+    big, _ = one_sgd_step(tmp_path / "big", batch_size=4, accumulation=1, mode=mode, freeze_unembedding=frozen)
+    small, trainer = one_sgd_step(tmp_path / "small", batch_size=1, accumulation=4, mode=mode, freeze_unembedding=frozen)
     for k in range(3):
         prefix = f"caft_heads.heads.{k}."
         names = [name for name in big if name.startswith(prefix)]
