@@ -360,6 +360,9 @@ def run_train(config: TrainConfig) -> TrainResult:
     metrics.update({key: value for key, value in result.metrics_after.items()})
     if trainer.args.should_save:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    from .summary import finish_run
+
+    finish_run(trainer, config, result, train_rows, "caft train")
     return result
 
 

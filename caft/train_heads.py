@@ -124,4 +124,7 @@ def run_train_heads(config: TrainConfig) -> TrainResult:
             "peak_memory_mb": round(result.peak_memory_mb, 1),
         }
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    from .summary import finish_run
+
+    finish_run(trainer, config, result, train_rows, "caft train-heads")
     return result

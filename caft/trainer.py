@@ -25,6 +25,7 @@ from transformers import TrainerCallback
 from .heads import save_heads
 from .loss import count_targets, schedule_value
 from .model import unwrap_causal_lm
+from .tracking import check_report_to, place_tensorboard_logs
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,11 @@ class CAFTTrainer(_BaseTrainer):
         if not any(isinstance(c, CAFTSaveLogging) or c is CAFTSaveLogging for c in callbacks):
             callbacks.append(CAFTSaveLogging())
         kwargs["callbacks"] = callbacks
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if training_args is not None:
+            check_report_to(training_args.report_to)
         super().__init__(*args, **kwargs)
+        place_tensorboard_logs(self)
         if self.args.label_names is None:
             self.args.label_names = ["labels"]
         self.label_names = self.args.label_names
@@ -186,7 +191,13 @@ class CAFTTrainer(_BaseTrainer):
             for k in range(stats.shape[0]):
                 if not math.isfinite(logs[f"loss_head_{k}"]):
                     raise FloatingPointError(f"Head {k} logged a non-finite loss at step {self.state.global_step}.")
-        super().log(logs, start_time)
+        # Trackers (TensorBoard, MLflow) drop list values with a warning, so they get the per-head scalars only;
+        # log_history and the returned metrics keep lists such as eval_loss_by_head.
+        lists = {key: value for key, value in logs.items() if isinstance(value, (list, tuple))}
+        scalars = {key: value for key, value in logs.items() if key not in lists}
+        super().log(scalars, start_time)
+        self.state.log_history[-1].update(lists)
+        logs.update(scalars)
 
     # Saving -----------------------------------------------------------------------------------
 
