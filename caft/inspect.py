@@ -1,10 +1,11 @@
 """`caft inspect-data`: show training rows exactly as the model will see them, before training.
 
-    caft inspect-data /work/shared/data/gsm8k/train.jsonl --prompt-field question --response-field answer -n 2
+    caft inspect-data ../shared/data/gsm8k/train.jsonl --prompt-field question --response-field answer -n 2
 
-Each shown row is tokenized by `caft.chat.tokenize_conversation` and the whole file by
-`caft.chat.build_dataset`, the functions `caft train` uses, so the counts printed here are the
-counts training uses (without --packing, which joins rows and drops targets across row borders).
+The shown rows go through `caft.chat.tokenize_conversation` and the training set (the whole file,
+or the `--size` rows that `caft train` selects) through `caft.chat.build_dataset`, the functions
+`caft train` uses. The counts printed are therefore the counts training uses, except with
+--packing, which joins rows and drops the targets that cross a row border.
 Trained tokens (label != -100) are printed in bold green on a terminal and between `[[` and `]]`
 otherwise or with --no-color.
 """
@@ -82,9 +83,9 @@ def inspect_rows(source, tokenizer, max_length: int, num_heads: int, count: int,
     return shown
 
 
-def inspect_file(source, tokenizer, max_length: int, num_heads: int, **fields) -> FileReport:
-    """Build the whole dataset as `caft train` does and count its tokens and per-head targets."""
-    rows, stats = build_dataset(source, tokenizer, max_length, **fields)
+def inspect_file(source, tokenizer, max_length: int, num_heads: int, size: int | None = None, seed: int = 0, **fields) -> FileReport:
+    """Build the training set as `caft train` does (all rows, or `size` after a seeded shuffle) and count its tokens."""
+    rows, stats = build_dataset(source, tokenizer, max_length, size=size, seed=seed, **fields)
     head_targets = [0] * (num_heads + 1)
     for row in rows:
         for k, value in enumerate(count_head_targets(row["labels"], num_heads)):
@@ -135,11 +136,11 @@ def format_row(tokenizer, row: ShownRow, number: int, max_length: int, color: bo
 
 
 def format_file_report(report: FileReport, max_length: int) -> str:
-    """Return the whole-file summary block."""
+    """Return the summary block of the training set."""
     stats = report.stats
     share = report.labelled_tokens / max(report.total_tokens, 1)
     lines = [
-        "=== whole file (what caft train uses) ===",
+        "=== training set (what caft train uses) ===",
         f"rows: {stats.summary()}",
         f"tokens: {report.total_tokens:,} total, {report.labelled_tokens:,} labelled ({share:.1%}); "
         f"longest row {report.longest_row} tokens",
@@ -170,7 +171,7 @@ def register(subparsers) -> None:
         "inspect-data",
         help="Show rows as training tokenizes them, with the trained tokens marked and token counts.",
         description="Render rows of a data file as `caft train` tokenizes them: trained tokens are marked, "
-        "with per-row and whole-file token counts, dropped rows and per-head target counts.",
+        "with token counts per row and for the training set, dropped rows and per-head target counts.",
     )
     parser.add_argument("file", nargs="?", help="Data file, .jsonl or .json (default: --config's train_set, else the embedded HumanEval split).")
     parser.add_argument("--config", help="A `caft train` YAML file; its model, length, field and head settings become the defaults.")
@@ -182,6 +183,9 @@ def register(subparsers) -> None:
     for name in ("prompt", "response", "system"):
         parser.add_argument(f"--{name}-field", dest=f"{name}_field", default=argparse.SUPPRESS,
                             help=f"JSON field holding the {name} text, as in `caft train`.")
+    parser.add_argument("--size", "-sz", dest="size", type=int, default=argparse.SUPPRESS,
+                        help="Count only the rows `caft train --size` would select (a seeded shuffle; default: all).")
+    parser.add_argument("--seed", dest="seed", type=int, default=argparse.SUPPRESS, help="Seed of that shuffle (default: 42).")
     parser.add_argument("--caft-num-heads", "-heads", dest="caft_num_heads", type=int, default=argparse.SUPPRESS,
                         help="Auxiliary heads whose valid targets to count (default: 4).")
     parser.add_argument("--color", action=argparse.BooleanOptionalAction, default=None,
@@ -211,6 +215,6 @@ def run_inspect_command(args: argparse.Namespace) -> int:
     shown = inspect_rows(source, tokenizer, config.model_max_length, num_heads, args.num_rows, **fields)
     for number, row in enumerate(shown, start=1):
         print(format_row(tokenizer, row, number, config.model_max_length, color) + "\n")
-    report = inspect_file(source, tokenizer, config.model_max_length, num_heads, **fields)
+    report = inspect_file(source, tokenizer, config.model_max_length, num_heads, size=config.size, seed=config.seed, **fields)
     print(format_file_report(report, config.model_max_length))
     return 0

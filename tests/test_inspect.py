@@ -123,3 +123,13 @@ def test_field_mapping_flags(capsys, write_jsonl):
     output = run_cli(capsys, path, "--prompt-field", "question", "--response-field", "answer", "--no-color")
     assert "2+2?<|im_end|>" in output
     assert "[[4<|im_end|>]]" in output
+
+
+def test_size_selects_training_rows(write_jsonl, smol_tokenizer):
+    """With --size the counts cover the rows `caft train --size` selects, after the same seeded shuffle."""
+    path = write_jsonl(ROWS)
+    report = inspect_file(path, smol_tokenizer, 512, num_heads=2, size=1, seed=7)
+    rows, stats = build_dataset(path, smol_tokenizer, 512, size=1, seed=7)
+    assert report.stats.rows_kept == 1
+    assert report.stats.skipped == stats.skipped
+    assert report.total_tokens == len(rows[0]["input_ids"])
