@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.utils import ModelOutput
 
 from .heads import AuxiliaryHeads, HeadsConfig, build_heads, find_decoder, find_decoder_layers, find_final_norm
@@ -43,6 +44,8 @@ class CAFTState:
     step: int = 0
     chunk_size: int = 1024
     """Positions per chunk of the chunked cross-entropy."""
+    checkpoint_heads: bool = True
+    """Recompute each head's layers in the backward pass instead of storing their activations."""
 
     def weights(self, num_heads: int) -> list[float]:
         if self.mode == "heads_only":
@@ -172,19 +175,36 @@ def _head_layer_inputs(capture: _Capture) -> tuple[torch.Tensor, tuple, dict]:
 
 
 def run_heads(model: nn.Module, final_hidden: torch.Tensor) -> list[tuple[torch.Tensor, nn.Module | None]]:
-    """Run every auxiliary head on the captured states; return per head (pre-unembedding states, own lm_head)."""
+    """Run every auxiliary head on the captured states; return per head (pre-unembedding states, own lm_head).
+
+    While training, each head's layers run under activation checkpointing (when `caft_state.checkpoint_heads`),
+    so a head keeps only its output states until the backward pass and memory does not grow with the
+    number of heads; the price is one more forward pass of the head's layers.
+    """
     heads: AuxiliaryHeads = model.caft_heads
     config = heads.config
     norm = find_final_norm(model)
     layer_hidden, layer_args, layer_kwargs = _head_layer_inputs(model._caft_capture)
+    if config.arch == "linear":
+        head_input, layer_args, layer_kwargs = model._caft_capture.output, (), {}
+    elif config.wiring == "reference":
+        head_input = final_hidden
+    else:
+        head_input = layer_hidden
+    apply_norm = config.arch == "linear" or config.wiring == "sibling"
+    use_checkpoint = getattr(model.caft_state, "checkpoint_heads", True) and torch.is_grad_enabled()
+
     outputs = []
     for head in heads.heads:
-        if config.arch == "linear":
-            hidden = norm(head.forward_layers(model._caft_capture.output, (), {}))
-        elif config.wiring == "reference":
-            hidden = head.forward_layers(final_hidden, layer_args, layer_kwargs)
+
+        def forward_head(hidden, head=head):
+            hidden = head.forward_layers(hidden, layer_args, layer_kwargs)
+            return norm(hidden) if apply_norm else hidden
+
+        if use_checkpoint:
+            hidden = checkpoint(forward_head, head_input, use_reentrant=False)
         else:
-            hidden = norm(head.forward_layers(layer_hidden, layer_args, layer_kwargs))
+            hidden = forward_head(head_input)
         outputs.append((hidden, getattr(head, "lm_head", None)))
     return outputs
 
