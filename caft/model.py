@@ -250,7 +250,8 @@ def caft_forward(
         with torch.set_grad_enabled(torch.is_grad_enabled() and weights[0] != 0.0):
             head_losses.append(chunked_head_loss(final_hidden[:, :-1], targets, unembed, state.chunk_size))
 
-        if num_heads:
+        # The next-token baseline (`default`) trains head 0 alone; its frozen heads are only evaluated.
+        if num_heads and not (state.mode == "default" and self.training):
             for k, (hidden, own_head) in enumerate(run_heads(self, final_hidden), start=1):
                 targets = head_targets(labels, k, position_ids)  # (B, T-1-k)
                 head_unembed = make_unembed(self, own_head) if own_head is not None else unembed
