@@ -16,6 +16,7 @@ import os
 import sys
 
 from .config import TrainConfig, add_config_arguments, load_config
+from .export import add_export_arguments
 
 logger = logging.getLogger("caft")
 
@@ -65,11 +66,9 @@ def _print_summary(name, result, format_head_metrics) -> None:
 
 
 def _command_export(args: argparse.Namespace) -> int:
-    from .export import export_model
+    from .export import command_export
 
-    out = export_model(args.run_dir, args.out, base_model=args.base_model, dtype=args.dtype)
-    print(f"exported to {out}")
-    return 0
+    return command_export(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,10 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_heads.set_defaults(handler=_command_train_heads)
 
     export = commands.add_parser("export", help="Merge a LoRA run into a plain model folder, heads left out.")
-    export.add_argument("run_dir", help="A caft run folder (adapter or full model).")
-    export.add_argument("--out", required=True, help="Folder to write; must not exist or be empty.")
-    export.add_argument("--base-model", default=None, help="Base model of the adapter (default: from adapter_config.json).")
-    export.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="Merge dtype.")
+    add_export_arguments(export)
     export.set_defaults(handler=_command_export)
 
     for register in _extra_commands():

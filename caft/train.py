@@ -7,6 +7,8 @@ Stages:
    epoch on the task data, loss sum_k gamma^k * CE_k.
 2. CAFT fine-tuning with LoRA or full weights: CE_0 + beta * s(t) * sum_k gamma^k * CE_k
    (`--mode default` trains CE_0 alone, the next-token baseline).
+With -cont-ckpt, a run resumes from its newest complete checkpoint, and `caft_stage.json` in the
+run folder records whether stage 1 had finished (see checkpoint.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import (
+    RUN_STAGE_NAME,
+    STAGE_FINETUNING,
+    STAGE_HEADS_PRETRAINING,
+    StopOnSignal,
+    newest_checkpoint,
+    read_run_stage,
+    write_run_stage,
+)
 from .config import TrainConfig, save_config
 from .heads import HeadsConfig, build_heads, load_heads_state, read_heads_file, save_heads
 from .model import CAFTState, add_auxiliary_heads, unwrap_causal_lm
@@ -43,11 +54,16 @@ class TrainResult:
 def resolve_output_dir(config: TrainConfig) -> Path:
     """Pick the run folder; refuse to write into a non-empty one unless resuming or overwriting."""
     if config.output_dir is None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Each process would stamp its own time, and the processes could pick different folders.
+            raise ValueError("Multi-process training needs an explicit --output-dir shared by all processes.")
         model_name = Path(config.model_name_or_path.rstrip("/")).name or "model"
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         config.output_dir = str(Path("runs") / f"{model_name}-{config.mode}-{config.finetune_method}-{stamp}")
     path = Path(config.output_dir)
-    if path.is_dir() and any(path.iterdir()) and not (config.continue_from_checkpoint or config.overwrite_output_dir):
+    # Only the main process checks: the others could already see files it wrote a moment ago.
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if is_main and path.is_dir() and any(path.iterdir()) and not (config.continue_from_checkpoint or config.overwrite_output_dir):
         raise FileExistsError(
             f"Output folder {path} exists and is not empty. Pass another --output-dir, --continue-from-checkpoint "
             "to resume it, or --overwrite-output-dir to write into it."
@@ -209,10 +225,20 @@ def training_arguments(config: TrainConfig, output_dir: Path, **overrides):
         load_best_model_at_end=config.early_stopping_patience is not None and has_eval,
         metric_for_best_model="eval_loss" if config.early_stopping_patience is not None else None,
         ddp_find_unused_parameters=False,
+        # Without an accelerator, processes started by torchrun only join a (gloo) process group with use_cpu.
+        use_cpu=not _has_accelerator(),
         disable_tqdm=False,
     )
     values.update(overrides)
     return TrainingArguments(**values)
+
+
+def _has_accelerator() -> bool:
+    """Return whether torch finds a GPU or another accelerator (CUDA, MPS, XPU, ...)."""
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if accelerator is not None:
+        return accelerator.is_available()
+    return torch.cuda.is_available() or torch.backends.mps.is_available()
 
 
 def make_trainer(model, tokenizer, args, train_rows, eval_rows, collator, early_stopping_patience=None):
@@ -220,7 +246,7 @@ def make_trainer(model, tokenizer, args, train_rows, eval_rows, collator, early_
 
     from .trainer import CAFTTrainer
 
-    callbacks = []
+    callbacks = [StopOnSignal()]
     if early_stopping_patience is not None and eval_rows:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=early_stopping_patience))
     return CAFTTrainer(
@@ -273,8 +299,14 @@ def load_data(config: TrainConfig, tokenizer):
     return train_rows, eval_rows, train_stats, eval_stats
 
 
-def pretrain_heads(model, tokenizer, config: TrainConfig, output_dir: Path, train_rows, eval_rows, collator) -> dict:
-    """Stage 1 on the task data: only the heads' own parameters learn, the trunk runs under no_grad."""
+def pretrain_heads(
+    model, tokenizer, config: TrainConfig, output_dir: Path, train_rows, eval_rows, collator, resume: bool = False
+) -> dict:
+    """Stage 1 on the task data: only the heads' own parameters learn, the trunk runs under no_grad.
+
+    Checkpoints (every --save-steps, and on SIGINT/SIGTERM) go to `<output_dir>/heads_pretraining`;
+    with `resume`, the stage continues from the newest complete one there.
+    """
     state: CAFTState = model.caft_state
     previous_mode = state.mode
     state.mode = "heads_only"
@@ -287,7 +319,7 @@ def pretrain_heads(model, tokenizer, config: TrainConfig, output_dir: Path, trai
         num_train_epochs=1,
         max_steps=-1,
         per_device_train_batch_size=config.per_device_batch_size * config.pretrain_bs_multiplier,
-        save_strategy="no",
+        save_strategy="steps" if config.save_steps else "no",
         eval_strategy="no",
         load_best_model_at_end=False,
         gradient_checkpointing=False,
@@ -295,8 +327,11 @@ def pretrain_heads(model, tokenizer, config: TrainConfig, output_dir: Path, trai
         has_eval=False,
     )
     trainer = make_trainer(model, tokenizer, args, train_rows, [], collator)
-    result = trainer.train()
-    save_heads(model.caft_heads, output_dir / "heads_pretrained")
+    checkpoint = _newest_checkpoint(Path(args.output_dir)) if resume else None
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    if trainer.args.should_save:
+        save_heads(model.caft_heads, output_dir / "heads_pretrained")
+    trainer.accelerator.wait_for_everyone()
     state.mode = previous_mode
     return result.metrics
 
@@ -310,8 +345,10 @@ def run_train(config: TrainConfig) -> TrainResult:
 
     start = time.time()
     output_dir = resolve_output_dir(config)
-    save_config(config, output_dir / "config.yaml")
-    logger.info("Configuration:\n%s", (output_dir / "config.yaml").read_text())
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if is_main:
+        save_config(config, output_dir / "config.yaml")
+        logger.info("Configuration:\n%s", (output_dir / "config.yaml").read_text())
     set_seed(config.seed)
 
     tokenizer = load_tokenizer(config.model_name_or_path)
@@ -320,15 +357,26 @@ def run_train(config: TrainConfig) -> TrainResult:
     model = load_model(config.model_name_or_path, config.dtype, config.load_in_8bit, config.load_in_4bit)
     model.config.use_cache = False
     setup_heads(model, config)
-    if tokenizer.chat_template:
+    if tokenizer.chat_template and is_main:
         (output_dir / "chat_template.jinja").write_text(tokenizer.chat_template)
 
     result = TrainResult(output_dir=output_dir)
-    if config.heads_pretraining and not config.continue_from_checkpoint:
+    stage = _resumed_stage(config, output_dir)
+    if stage == STAGE_FINETUNING and config.heads_pretraining:
+        heads_dir = output_dir / "heads_pretrained"
+        logger.info("Heads pretraining finished in the interrupted run; loading its heads from %s", heads_dir)
+        _config, weights, source = read_heads_file(heads_dir)
+        load_heads_state(model.caft_heads, weights, source)
+    elif config.heads_pretraining:
+        write_run_stage(output_dir, STAGE_HEADS_PRETRAINING)
         result.train_metrics["heads_pretraining"] = pretrain_heads(
-            model, tokenizer, config, output_dir, train_rows, eval_rows, collator
+            model, tokenizer, config, output_dir, train_rows, eval_rows, collator, resume=stage is not None
         )
+    write_run_stage(output_dir, STAGE_FINETUNING, heads_pretrained=config.heads_pretraining)
 
+    # Stage 2 starts from the same random state whether or not stage 1 ran in this process, so a run
+    # resumed after stage 1 initialises LoRA exactly as the uninterrupted run did.
+    set_seed(config.seed)
     model = apply_finetune_method(model, config)
     trainable, total = count_parameters(model)
     logger.info("Stage 2 (%s, %s): %d of %d parameters trainable", config.mode, config.finetune_method, trainable, total)
@@ -394,9 +442,28 @@ def _final_eval_metrics(trainer) -> dict | None:
 
 
 def _newest_checkpoint(output_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    """Return the newest complete checkpoint in `output_dir`, skipping unfinished or foreign ones with a warning."""
+    last = newest_checkpoint(output_dir)
     if last is None:
-        logger.warning("No checkpoint found in %s; training starts from the beginning.", output_dir)
+        logger.warning("No complete checkpoint found in %s; training starts from the beginning.", output_dir)
+    else:
+        logger.info("Resuming from %s", last)
     return last
+
+
+def _resumed_stage(config: TrainConfig, output_dir: Path) -> str | None:
+    """Return the stage the interrupted run reached (None for a new run), after checking it against -hpretrain."""
+    if not config.continue_from_checkpoint:
+        return None
+    recorded = read_run_stage(output_dir)
+    if recorded is None:
+        return None
+    stage = recorded["stage"]
+    pretrained = stage == STAGE_HEADS_PRETRAINING or recorded.get("heads_pretrained", False)
+    if pretrained != bool(config.heads_pretraining):
+        flag = "with" if pretrained else "without"
+        raise ValueError(
+            f"The run in {output_dir} was started {flag} --heads-pretraining ({RUN_STAGE_NAME} records stage {stage!r}); "
+            f"resume it {flag} --heads-pretraining, or start a new --output-dir."
+        )
+    return stage

@@ -7,6 +7,8 @@ What it changes in the Trainer:
   forward) and collects per-head loss sums, target counts and top-1 hits for the logs.
 - `log` adds `loss_head_k` and `acc_head_k` (token-weighted over the logging window).
 - Saving writes the model or adapter without head keys, plus the heads as their own folder.
+  Checkpoints are written to a staging folder and renamed when complete, with caft_state.json
+  (see checkpoint.py); resuming checks that state against the run.
 """
 
 from __future__ import annotations
@@ -15,13 +17,29 @@ import csv
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 import transformers
 from transformers import TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from .checkpoint import (
+    CHECKPOINT_STATE_NAME,
+    STAGE_FINETUNING,
+    STAGE_HEADS,
+    StopOnSignal,
+    checkpoint_state,
+    newest_checkpoint,
+    publish_checkpoint,
+    read_checkpoint_state,
+    remove_staging_dirs,
+    staging_dir,
+    write_json_atomic,
+)
 from .heads import save_heads
 from .loss import count_targets, schedule_value
 from .model import unwrap_causal_lm
@@ -216,7 +234,9 @@ class CAFTTrainer(_BaseTrainer):
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        model.save_pretrained(output_dir, state_dict=plain_state, safe_serialization=True)
+        if not self._trains_heads_only:
+            # Training only the heads leaves the base model as loaded, so its checkpoints hold the heads alone.
+            model.save_pretrained(output_dir, state_dict=plain_state, safe_serialization=True)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
@@ -224,18 +244,130 @@ class CAFTTrainer(_BaseTrainer):
             from safetensors.torch import save_file
 
             save_file(heads_state, os.path.join(output_dir, HEADS_CHECKPOINT_NAME), metadata={"format": "pt"})
+            # TODO: under ZeRO-3 or sharded FSDP the live modules hold shards; build this folder from heads_state.
             save_heads(self.caft_model.caft_heads, os.path.join(output_dir, "heads"))
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, HEADS_CHECKPOINT_NAME)
-        if os.path.isfile(path):
-            from safetensors.torch import load_file
+    @property
+    def _trains_heads_only(self) -> bool:
+        return self.caft_model.caft_state.mode == "heads_only"
 
-            heads = unwrap_causal_lm(model or self.model).caft_heads
-            missing, unexpected = heads.load_state_dict(load_file(path), strict=False)
-            if missing or unexpected:
-                raise ValueError(f"Checkpoint {path} does not match the heads: missing {missing}, unexpected {unexpected}.")
+    @property
+    def _stage(self) -> str:
+        return STAGE_HEADS if self._trains_heads_only else STAGE_FINETUNING
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write the Trainer's checkpoint plus caft_state.json into a staging folder, then publish it by renaming.
+
+        All processes write into the same staging folder (each its own RNG state, and its optimizer
+        shard under DeepSpeed or FSDP); the main process renames it once every process has finished.
+        """
+        run_dir = Path(self._get_output_dir(trial=trial))
+        step = self.state.global_step
+        staging = staging_dir(run_dir, step)
+        if self.args.should_save and staging.exists():
+            shutil.rmtree(staging)
+        self.accelerator.wait_for_everyone()
+
+        self._get_output_dir = lambda trial=None: str(staging)  # the parent Trainer writes <run_dir>/checkpoint-<step>
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        staged = staging / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        final = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        if self.args.should_save:
+            if self.state.best_model_checkpoint == str(staged):
+                self.state.best_model_checkpoint = str(final)
+                self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
+            state = checkpoint_state(self.caft_model.caft_state, step, self._stage, self.num_heads)
+            state["finetune_method"] = "lora" if _is_peft(self.model) else "full"
+            write_json_atomic(staged / CHECKPOINT_STATE_NAME, state)
+        self.accelerator.wait_for_everyone()
+
+        if self.args.should_save:
+            publish_checkpoint(staged, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(
+                output_dir=str(run_dir),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """Train; `resume_from_checkpoint=True` picks the newest complete checkpoint, and its CAFT state is checked."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = newest_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete checkpoint in {self.args.output_dir} to resume from.")
+        if resume_from_checkpoint:
+            self._check_checkpoint_state(resume_from_checkpoint)
+        if self.args.should_save:
+            remove_staging_dirs(self.args.output_dir)
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
+        finally:
+            # on_train_end restores the handlers, but an exception inside the loop skips it.
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, StopOnSignal):
+                    callback.restore_handlers()
+
+    def _check_checkpoint_state(self, checkpoint: str) -> None:
+        """Refuse a checkpoint of another stage or head count; warn when the CAFT loss settings changed."""
+        saved = read_checkpoint_state(checkpoint)
+        if saved is None:
+            raise ValueError(
+                f"Checkpoint {checkpoint} has no readable {CHECKPOINT_STATE_NAME}: it is incomplete or was not written "
+                "by caft. Delete it to resume from an earlier checkpoint."
+            )
+        method = "lora" if _is_peft(self.model) else "full"
+        expected = {"stage": self._stage, "num_heads": self.num_heads, "finetune_method": method}
+        for key, value in expected.items():
+            if saved.get(key, value) != value:
+                raise ValueError(
+                    f"Checkpoint {checkpoint} was written with {key}={saved[key]!r}, but this run has {key}={value!r}. "
+                    "Resume with the settings of the interrupted run, or start a new --output-dir."
+                )
+        state = self.caft_model.caft_state
+        for key in ("mode", "beta", "gamma", "schedule", "chunk_size"):
+            if key in saved and saved[key] != getattr(state, key):
+                logger.warning("Resuming %s with %s=%r (the checkpoint used %r).", checkpoint, key, getattr(state, key), saved[key])
+        state.step = int(saved.get("global_step", state.step))
+        state.schedule_value = float(saved.get("schedule_value", state.schedule_value))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not self._trains_heads_only:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_heads_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        if not self._trains_heads_only:
+            super()._load_best_model()
+        self._load_heads_checkpoint(self.state.best_model_checkpoint)
+
+    def _load_heads_checkpoint(self, checkpoint: str, model=None) -> None:
+        """Load caft_heads.safetensors strictly; missing or unexpected keys raise, naming them."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            # NOTE: these backends restore every parameter, heads included, from their own checkpoint files
+            # (sharded tensors would not take a plain load_state_dict). Not tested here: no GPUs.
+            return
+        path = os.path.join(checkpoint, HEADS_CHECKPOINT_NAME)
+        heads = unwrap_causal_lm(model or self.model).caft_heads
+        if not os.path.isfile(path):
+            if len(heads):
+                raise FileNotFoundError(f"Checkpoint {checkpoint} has no {HEADS_CHECKPOINT_NAME} for the {len(heads)} heads.")
+            return
+        from safetensors.torch import load_file
+
+        missing, unexpected = heads.load_state_dict(load_file(path), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"Checkpoint {path} does not match the heads: missing {missing}, unexpected {unexpected}.")
+
+
+def _is_peft(model) -> bool:
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return type(model).__name__.startswith("Peft")
 
 
 def add_caft_loss(transformers_module=transformers):
