@@ -131,6 +131,7 @@ def build_summary(command: str, config, metrics: dict, stages: dict[str, dict], 
 
     lines += ["", "## Training", "", f"- optimizer steps: {global_step}"]
     lines.append(f"- wall time: {metrics.get('wall_time_s', 0):.1f} s (loading, evaluation and saving included)")
+    resumed = bool(getattr(config, "continue_from_checkpoint", False))
     for name, stage in stages.items():
         runtime = stage.get("train_runtime", 0.0)
         epochs = stage.get("epoch", 0)
@@ -138,11 +139,16 @@ def build_summary(command: str, config, metrics: dict, stages: dict[str, dict], 
         count = tokens.get(name)
         if count is None:
             continue
-        seconds = runtime - (eval_seconds if name != "heads pretraining" else 0.0)
         approx = "" if count.exact else "about "
         lines.append(f"  - tokens trained: {approx}{count.total:,} ({approx}{count.labelled:,} labelled)")
-        if seconds > 0:
-            note = f", excluding {eval_seconds:.1f} s of evaluation during training" if eval_seconds and name != "heads pretraining" else ""
+
+        # Heads pretraining logs into its own folder and never evaluates.
+        stage_eval_seconds = 0.0 if name == "heads pretraining" else eval_seconds
+        seconds = runtime - stage_eval_seconds
+        if resumed:
+            lines.append("  - throughput: not computed, because the tokens cover the whole run and the time only this session")
+        elif seconds > 0:
+            note = f", excluding {stage_eval_seconds:.1f} s of evaluation during training" if stage_eval_seconds else ""
             lines.append(f"  - throughput: {count.total / seconds:,.0f} tokens/s, {count.labelled / seconds:,.0f} labelled tokens/s{note}")
     lines.append(f"- peak memory: {metrics.get('peak_memory_mb', 0):,.0f} MiB")
 

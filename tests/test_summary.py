@@ -11,7 +11,8 @@ import pytest
 
 from caft.chat import build_dataset
 from caft.cli import main
-from caft.summary import count_trained_tokens, eval_seconds_in_training
+from caft.config import TrainConfig
+from caft.summary import TokenCount, build_summary, count_trained_tokens, eval_seconds_in_training
 from caft.tracking import check_report_to
 
 TRAIN_ROWS = 8
@@ -158,6 +159,21 @@ def test_partial_epoch_token_count_is_estimate():
     assert (half.total, half.labelled, half.exact) == (15, 12, False)
 
 
+@pytest.mark.parametrize("resumed", [False, True])
+def test_throughput_line(resumed):
+    config = TrainConfig(continue_from_checkpoint=resumed)
+    stages = {"fine-tuning": {"train_runtime": 12.0, "epoch": 1.0}}
+    tokens = {"fine-tuning": TokenCount(total=100, labelled=40, exact=True)}
+    text = build_summary("caft train", config, {}, stages, tokens, eval_seconds=2.0, global_step=5, plots=[])
+    assert "- fine-tuning: 1 epoch in 12.0 s" in text
+    assert "  - tokens trained: 100 (40 labelled)" in text
+    if resumed:
+        assert "tokens/s" not in text
+        assert "throughput: not computed" in text
+    else:
+        assert "throughput: 10 tokens/s, 4 labelled tokens/s, excluding 2.0 s of evaluation during training" in text
+
+
 def test_eval_seconds_only_inside_training():
     rows = [
         {"split": "eval", "step": 0, "loss": 2.0, "runtime": 100.0},  # before training
@@ -190,3 +206,30 @@ def test_wandb_offline_gets_per_head_metrics(tiny_model_dir, gsm8k_files, tmp_pa
         assert summary[f"eval/loss_head_{k}"] == pytest.approx(metrics["eval"][f"eval_loss_head_{k}"])
         assert f"train/acc_head_{k}" in summary
     assert "eval/loss_by_head" not in summary
+
+
+def test_mlflow_local_store_gets_per_head_metrics(tiny_model_dir, gsm8k_files, tmp_path, monkeypatch):
+    """Runs only where mlflow is installed; the tracking URI is a local folder, so no server is contacted."""
+    mlflow = pytest.importorskip("mlflow")
+    store = f"file://{tmp_path / 'mlruns'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "caft-test")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 needs this for a folder store
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, gsm8k_files, out, "--max-steps", "2", "--eval-steps", "1",
+                           "--report-to", "mlflow", "-heads", "1")) == 0
+    if mlflow.active_run() is not None:
+        mlflow.end_run()
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=store)
+    experiment = client.get_experiment_by_name("caft-test")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    run_id = runs[0].info.run_id
+    metrics = json.loads((out / "metrics.json").read_text())
+    for k in range(2):
+        assert [m.step for m in client.get_metric_history(run_id, f"loss_head_{k}")] == [1, 2]
+        evals = client.get_metric_history(run_id, f"eval_loss_head_{k}")
+        assert [m.step for m in evals] == [0, 1, 2]
+        assert evals[-1].value == pytest.approx(metrics["eval"][f"eval_loss_head_{k}"])
+    assert "eval_loss_by_head" not in runs[0].data.metrics
