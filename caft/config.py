@@ -234,6 +234,23 @@ def _parse_type(type_name):
     return str
 
 
+def _coerce(value, type_name, where: str):
+    """Convert a YAML value to its field's type; YAML reads 1e-4 (no dot) as a string, for example."""
+    text = str(type_name)
+    if value is None or text.startswith("list") or isinstance(value, bool):
+        return value
+    try:
+        if text.startswith("int"):
+            return int(value)
+        if text.startswith("float"):
+            return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} must be a number, got {value!r}.") from None
+    if text.startswith("bool"):
+        raise ValueError(f"{where} must be true or false, got {value!r}.")
+    return value
+
+
 def load_config(args: argparse.Namespace, config_class=TrainConfig):
     """Build a config from defaults, an optional YAML file (`args.config`) and the given flags."""
     values: dict[str, Any] = {}
@@ -249,7 +266,9 @@ def load_config(args: argparse.Namespace, config_class=TrainConfig):
         unknown = sorted(set(loaded) - known)
         if unknown:
             raise ValueError(f"Config file {path} has unknown settings {unknown}; see `caft train --help` for the names.")
-        values.update(loaded)
+        types = {item.name: item.type for item in dataclasses.fields(config_class)}
+        for name, value in loaded.items():
+            values[name] = _coerce(value, types[name], f"{path}: {name}")
     for name in known:
         if hasattr(args, name):
             values[name] = getattr(args, name)

@@ -176,3 +176,12 @@ def test_train_heads_command_saves_heads_each_epoch(tiny_model_dir, gsm8k_files,
     before, after = metrics["eval_before"]["eval_loss_by_head"], metrics["eval"]["eval_loss_by_head"]
     assert before[0] == pytest.approx(after[0], rel=1e-6)  # the base model is frozen
     assert sum(after[1:]) < sum(before[1:])  # the heads learned
+
+
+def test_yaml_numbers_without_dot_are_converted(tmp_path):
+    (tmp_path / "run.yaml").write_text("learning_rate: 1e-4\nlora_r: '16'\nheads_pretraining: true\n")
+    config = load_config(build_parser().parse_args(["train", "--config", str(tmp_path / "run.yaml")]))
+    assert config.learning_rate == 1e-4 and config.lora_r == 16 and config.heads_pretraining is True
+    (tmp_path / "bad.yaml").write_text("learning_rate: fast\n")
+    with pytest.raises(ValueError, match="learning_rate must be a number"):
+        load_config(build_parser().parse_args(["train", "--config", str(tmp_path / "bad.yaml")]))
