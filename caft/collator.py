@@ -18,6 +18,10 @@ class CAFTCollator:
 
     Padding is marked by position (attention 0, label -100), never by token id, because the pad
     token is often the end-of-turn token, which stays labelled where the example contains it.
+
+    Packed rows (from caft.packing, with `position_ids`) give `input_ids`, `position_ids` and `labels`
+    and no `attention_mask`: transformers builds the block-diagonal causal mask from position_ids only
+    when the mask is None. Padding then gets positions 0, 1, ... as a sample of its own, labelled -100.
     """
 
     pad_token_id: int
@@ -55,7 +59,30 @@ class CAFTCollator:
             input_ids[row, :length] = torch.as_tensor(feature["input_ids"], dtype=torch.long)
             labels[row, :length] = torch.as_tensor(feature["labels"], dtype=torch.long)
             attention_mask[row, :length] = 1
+        if _is_packed_batch(features):
+            return {"input_ids": input_ids, "position_ids": _packed_position_ids(features, width), "labels": labels}
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _is_packed_batch(features: list[dict]) -> bool:
+    packed = ["position_ids" in feature for feature in features]
+    if any(packed) and not all(packed):
+        raise ValueError("The batch mixes packed rows (with position_ids) and unpacked rows; pack all rows or none.")
+    return all(packed)
+
+
+def _packed_position_ids(features: list[dict], width: int) -> torch.Tensor:
+    """Right-pad each row's position_ids with 0, 1, ..., so the padding is a separate sample.  # (B, T)"""
+    position_ids = torch.zeros((len(features), width), dtype=torch.long)
+    for row, feature in enumerate(features):
+        length = len(feature["input_ids"])
+        if len(feature["position_ids"]) != length:
+            raise ValueError(
+                f"Example {row} of the batch has {length} input_ids but {len(feature['position_ids'])} position_ids."
+            )
+        position_ids[row, :length] = torch.as_tensor(feature["position_ids"], dtype=torch.long)
+        position_ids[row, length:] = torch.arange(width - length)
+    return position_ids
 
 
 def make_collator(tokenizer, pad_to_multiple_of: int | None = None) -> CAFTCollator:

@@ -342,6 +342,7 @@ def run_train(config: TrainConfig) -> TrainResult:
 
     from .collator import make_collator
     from .loading import load_model, load_tokenizer
+    from .packing import check_packing_attention, pack_datasets
 
     start = time.time()
     output_dir = resolve_output_dir(config)
@@ -353,9 +354,13 @@ def run_train(config: TrainConfig) -> TrainResult:
 
     tokenizer = load_tokenizer(config.model_name_or_path)
     train_rows, eval_rows, train_stats, eval_stats = load_data(config, tokenizer)
+    if config.packing:
+        train_rows, eval_rows = pack_datasets(config, train_rows, eval_rows)
     collator = make_collator(tokenizer)
     model = load_model(config.model_name_or_path, config.dtype, config.load_in_8bit, config.load_in_4bit)
     model.config.use_cache = False
+    if config.packing:
+        check_packing_attention(model, config)
     setup_heads(model, config)
     if tokenizer.chat_template and is_main:
         (output_dir / "chat_template.jinja").write_text(tokenizer.chat_template)

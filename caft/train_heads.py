@@ -70,6 +70,7 @@ def run_train_heads(config: TrainConfig) -> TrainResult:
 
     from .collator import make_collator
     from .loading import load_model, load_tokenizer
+    from .packing import check_packing_attention, pack_datasets
 
     start = time.time()
     config.mode = "caft"
@@ -78,8 +79,12 @@ def run_train_heads(config: TrainConfig) -> TrainResult:
     set_seed(config.seed)
     tokenizer = load_tokenizer(config.model_name_or_path)
     train_rows, eval_rows, train_stats, eval_stats = load_data(config, tokenizer)
+    if config.packing:
+        train_rows, eval_rows = pack_datasets(config, train_rows, eval_rows, heads_only=True)
     model = load_model(config.model_name_or_path, config.dtype, config.load_in_8bit, config.load_in_4bit)
     model.config.use_cache = False
+    if config.packing:
+        check_packing_attention(model, config, heads_only=True)
     config.heads_pretraining = True  # silences the "untrained heads" warning: training them is this command's job
     setup_heads(model, config)
     model.caft_state.mode = "heads_only"
