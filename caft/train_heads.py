@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 
 from transformers import TrainerCallback
@@ -75,7 +76,8 @@ def run_train_heads(config: TrainConfig) -> TrainResult:
     start = time.time()
     config.mode = "caft"
     output_dir = resolve_output_dir(config)
-    save_config(config, output_dir / "config.yaml")
+    if int(os.environ.get("RANK", "0")) == 0:  # one writer, so the other ranks never see a half-written folder
+        save_config(config, output_dir / "config.yaml")
     set_seed(config.seed)
     tokenizer = load_tokenizer(config.model_name_or_path)
     train_rows, eval_rows, train_stats, eval_stats = load_data(config, tokenizer)
