@@ -35,10 +35,24 @@ def setup_logging(verbose: bool = False) -> None:
     transformers.utils.logging.set_verbosity_warning()
 
 
+def check_report_to(report_to: str) -> None:
+    """Raise ValueError, with the install command, when the tracker named by --report-to is not installed."""
+    import importlib.util
+
+    packages = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow"}
+    package = packages.get(report_to)
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise ValueError(
+            f"--report-to {report_to} needs the {package} package, which is not installed: "
+            f"`pip install {package}` (or `pip install 'caft[{report_to}]'`), or pass --report-to none."
+        )
+
+
 def _command_train(args: argparse.Namespace) -> int:
     from .train import format_head_metrics, run_train
 
     config = load_config(args)
+    check_report_to(config.report_to)
     result = run_train(config)
     _print_summary("caft train", result, format_head_metrics)
     return 0
@@ -49,6 +63,7 @@ def _command_train_heads(args: argparse.Namespace) -> int:
     from .train_heads import run_train_heads
 
     config = load_config(args)
+    check_report_to(config.report_to)
     result = run_train_heads(config)
     _print_summary("caft train-heads", result, format_head_metrics)
     return 0
@@ -119,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.handler(args)
-    except (DataError, FileNotFoundError, FileExistsError, ValueError) as error:
+    # OSError includes a model or tokenizer that cannot be downloaded or read (no network, wrong path).
+    except (DataError, OSError, ValueError) as error:
         if args.verbose:
             raise
         message = str(error) or type(error).__name__

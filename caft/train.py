@@ -37,6 +37,7 @@ from .checkpoint import (
 from .config import TrainConfig, save_config
 from .heads import HeadsConfig, build_heads, load_heads_state, read_heads_file, save_heads
 from .model import CAFTState, add_auxiliary_heads, unwrap_causal_lm
+from .original import PUBLISHED_HEADS_WIRING, check_hub_reachable, is_published_heads, published_heads_repo
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +85,12 @@ def peak_memory_mb() -> float:
 # Heads ------------------------------------------------------------------------------------------
 
 
-def setup_heads(model: nn.Module, config: TrainConfig) -> None:
-    """Attach heads to the model: loaded from -hdir, or new copies of the last layer."""
+def setup_heads(model: nn.Module, config: TrainConfig, published_default: bool = False) -> None:
+    """Attach heads to the model: loaded from -hdir, or new copies of the last layer.
+
+    With `published_default` and no -hdir, a base model that has heads published by the CAFT
+    authors (`caft.original.PUBLISHED_HEADS`) gets those, as the original training script did.
+    """
     state = CAFTState(
         mode=config.mode,
         beta=config.caft_heads_coefficient,
@@ -104,12 +109,23 @@ def setup_heads(model: nn.Module, config: TrainConfig) -> None:
     use_heads = config.mode == "caft" or config.auxiliary_heads_dir or config.heads_pretraining
     if not use_heads:
         heads_config.num_heads = 0
-    if config.auxiliary_heads_dir:
-        saved_config, weights, source = read_heads_file(config.auxiliary_heads_dir)
+    heads_source = config.auxiliary_heads_dir
+    if not heads_source and use_heads and published_default:
+        heads_source = published_heads_repo(config.model_name_or_path)
+        if heads_source:
+            logger.info("No -hdir given: using the heads published for %s, %s", config.model_name_or_path, heads_source)
+    if heads_source:
+        if is_published_heads(heads_source):
+            check_hub_reachable(heads_source)
+        saved_config, weights, source = read_heads_file(heads_source)
         if saved_config is not None:
             for name in ("num_heads", "num_layers", "arch", "wiring", "separate_unembed"):
                 setattr(heads_config, name, getattr(saved_config, name))
             logger.info("Using the heads in %s (%s)", source, heads_config)
+        elif is_published_heads(heads_source):
+            # The published heads.pth has no config; those heads were trained with the original wiring.
+            heads_config.wiring = PUBLISHED_HEADS_WIRING
+            logger.info("Using the published heads %s with --head-wiring %s", source, PUBLISHED_HEADS_WIRING)
         heads = build_heads(model, heads_config)
         load_heads_state(heads, weights, source)
     else:
@@ -361,7 +377,7 @@ def run_train(config: TrainConfig) -> TrainResult:
     model.config.use_cache = False
     if config.packing:
         check_packing_attention(model, config)
-    setup_heads(model, config)
+    setup_heads(model, config, published_default=True)
     if tokenizer.chat_template and is_main:
         (output_dir / "chat_template.jinja").write_text(tokenizer.chat_template)
 

@@ -44,23 +44,31 @@ class SaveHeadsEachEpoch(TrainerCallback):
             save_heads(self.model.caft_heads, self.output_dir / f"heads-epoch-{epoch}")
 
 
-def heads_readme(config: TrainConfig, metrics: dict, steps: int) -> str:
-    """A short model card for a heads folder: base model, data, steps and per-head accuracy."""
+def heads_readme(config: TrainConfig, metrics: dict, steps: int, metrics_before: dict | None = None, data_stats=()) -> str:
+    """A short model card for a heads folder: base model, data, steps and per-head accuracy before and after."""
+    rows = "; ".join(f"{name}: {stats.summary()}" for name, stats in zip(("train", "held-out"), data_stats) if stats)
     lines = [
         "# CAFT auxiliary heads",
         "",
         f"- Base model: `{config.model_name_or_path}`",
         f"- Heads: {config.caft_num_heads} x {config.head_arch} ({config.caft_num_layers} layer(s)), wiring `{config.head_wiring}`",
         f"- Training data: `{config.train_set or 'embedded HumanEval split'}`; held-out: `{config.eval_set or '-'}`",
-        f"- Optimizer steps: {steps}; learning rate {config.learning_rate}; gamma {config.caft_decay_coefficient}",
+        f"- Rows: {rows or '-'}; max length {config.model_max_length} tokens",
+        f"- Optimizer steps: {steps} ({config.epochs:g} epoch(s)); learning rate {config.learning_rate}; gamma {config.caft_decay_coefficient}",
         "",
-        "Head k predicts token t+1+k. Held-out metrics (head 0 is the base model's own next-token head):",
+        "Head k predicts token t+1+k. Held-out metrics (head 0 is the base model's own next-token head;",
+        "\"before\" is the heads as they started: copies of the last decoder layer unless -hdir gave others):",
         "",
-        "| head | loss | top-1 |",
-        "| --- | --- | --- |",
+        "| head | loss | top-1 | loss before | top-1 before |",
+        "| --- | --- | --- | --- | --- |",
     ]
+    before = metrics_before or {}
+    losses_before = before.get("eval_loss_by_head") or []
     for k, loss in enumerate(metrics.get("eval_loss_by_head") or []):
-        lines.append(f"| {k} | {loss:.4f} | {metrics.get(f'eval_acc_head_{k}', float('nan')):.3f} |")
+        loss_before = f"{losses_before[k]:.4f}" if k < len(losses_before) else "-"
+        acc_before = f"{before[f'eval_acc_head_{k}']:.3f}" if f"eval_acc_head_{k}" in before else "-"
+        lines.append(f"| {k} | {loss:.4f} | {metrics.get(f'eval_acc_head_{k}', float('nan')):.3f} | {loss_before} | {acc_before} |")
+    lines += ["", "Top-5 accuracy per head: `caft eval-heads --heads <this folder> --data <held-out data>`."]
     lines += ["", "Use them with `caft train -hdir <this folder>`."]
     return "\n".join(lines) + "\n"
 
@@ -120,7 +128,9 @@ def run_train_heads(config: TrainConfig) -> TrainResult:
     result.wall_time_s = time.time() - start
     result.peak_memory_mb = peak_memory_mb()
     if trainer.args.should_save:
-        readme = heads_readme(config, result.metrics_after, trainer.state.global_step)
+        readme = heads_readme(
+            config, result.metrics_after, trainer.state.global_step, result.metrics_before, (train_stats, eval_stats)
+        )
         save_heads(model.caft_heads, output_dir / "heads", readme=readme)
         metrics = {
             "eval_before": result.metrics_before,

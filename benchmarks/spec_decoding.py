@@ -1,0 +1,216 @@
+"""Benchmark: plain greedy `model.generate` against self-speculative decoding with trained heads, batch size 1.
+
+    nice python benchmarks/spec_decoding.py --heads /tmp/heads-gsm8k/heads --questions 50
+
+Both methods answer the same held-out GSM8K test questions (chat template, greedy, up to
+--max-new-tokens). The runs alternate question by question, so a change in machine load hits
+both alike. The script checks that the outputs are identical token for token and prints
+tokens/s of each method, their ratio in wall-clock time and in CPU time of this process (the
+second is less sensitive to other processes on a shared machine when torch uses one thread),
+the mean number of tokens per model forward, the acceptance
+rate of each head and where the speculative time goes. It then times one model forward over
+blocks of 1..n+1 tokens at a typical context length, which is the verification cost per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from caft.generate import (  # noqa: E402
+    SpeculativeStats,
+    encode_prompt,
+    load_heads_for,
+    load_model_for_generation,
+    speculative_generate,
+)
+
+DEFAULT_QUESTIONS = "/work/shared/data/gsm8k/test.jsonl"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2", help="Model name or folder (default: %(default)s).")
+    parser.add_argument("--heads", required=True, help="Heads folder written by `caft train-heads`.")
+    parser.add_argument("--data", default=DEFAULT_QUESTIONS, help="GSM8K-style .jsonl with a `question` field (default: %(default)s).")
+    parser.add_argument("--questions", type=int, default=50, help="Number of questions, from the start of --data (default: %(default)s).")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="Maximum new tokens per question (default: %(default)s).")
+    parser.add_argument(
+        "--num-draft", type=int, nargs="+", default=None,
+        help="Drafted tokens per step; several values run one speculative method each (default: all heads).",
+    )
+    parser.add_argument(
+        "--recompute-questions", type=int, default=0,
+        help="Also run the first N questions with --no-head-cache (heads recompute their keys and values).",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice).")
+    parser.add_argument("--json-out", help="Write all measurements to this JSON file.")
+    return parser.parse_args(argv)
+
+
+def read_questions(path: str, count: int) -> list[str]:
+    questions = []
+    with open(path, encoding="utf-8") as file:
+        for line in file:
+            if line.strip():
+                questions.append(json.loads(line)["question"])
+            if len(questions) == count:
+                break
+    return questions
+
+
+def plain_greedy(model, prompt: torch.Tensor, max_new_tokens: int, eos_token_id) -> list[int]:
+    output = model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id, pad_token_id=eos_token_id,
+    )
+    return output[0, prompt.shape[1]:].tolist()
+
+
+def timed(function, *args, **kwargs):
+    """Call `function`; return (its result, wall-clock seconds, CPU seconds of this process)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = function(*args, **kwargs)
+    return result, time.perf_counter() - wall, time.process_time() - cpu
+
+
+@dataclass
+class Tally:
+    """Tokens and seconds of one method, and of plain decoding on the same questions."""
+
+    tokens: int = 0
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    plain_tokens: int = 0
+    plain_wall_s: float = 0.0
+    plain_cpu_s: float = 0.0
+
+    def ratios(self) -> tuple[float, float]:
+        """Speed-up over plain decoding in wall-clock and in CPU time."""
+        wall = (self.tokens / self.wall_s) / (self.plain_tokens / self.plain_wall_s)
+        cpu = (self.tokens / self.cpu_s) / (self.plain_tokens / self.plain_cpu_s)
+        return wall, cpu
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    for index, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return index
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+@torch.inference_mode()
+def time_block_forwards(model, prompt: list[int], context: int, max_block: int, repeats: int = 15) -> dict[int, float]:
+    """Median seconds of one cached forward over 1..max_block new tokens after `context` cached tokens."""
+    from transformers import DynamicCache
+
+    ids = (prompt * (context // len(prompt) + 1))[: context + max_block]
+    cache = DynamicCache(config=model.config)
+    model(input_ids=torch.tensor([ids[:context]]), cache=cache, use_cache=True, logits_to_keep=1)
+    timings = {}
+    for size in range(1, max_block + 1):
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(input_ids=torch.tensor([ids[context : context + size]]), cache=cache, use_cache=True)
+            samples.append(time.perf_counter() - start)
+            cache.crop(-size)
+        timings[size] = statistics.median(samples)
+    return timings
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer, _ = load_model_for_generation(args.model)
+    heads = load_heads_for(model, args.heads)
+    num_drafts = args.num_draft or [len(heads)]
+    eos = model.generation_config.eos_token_id
+    questions = read_questions(args.data, args.questions)
+    prompts = [encode_prompt(tokenizer, question) for question in questions]
+    print(f"{len(prompts)} questions from {args.data}; model {args.model}; heads {args.heads} ({heads.config.num_heads} x "
+          f"{heads.config.arch}); max_new_tokens {args.max_new_tokens}; batch size 1; torch threads {torch.get_num_threads()}; "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
+
+    # Warm-up (not timed): first calls allocate and pick kernels.
+    plain_greedy(model, torch.tensor([prompts[0]]), 16, eos)
+    speculative_generate(model, heads, prompts[0], max_new_tokens=16)
+
+    methods = {f"speculative, {n} drafts": dict(num_draft=n, head_cache=True, count=len(prompts)) for n in num_drafts}
+    if args.recompute_questions:
+        methods[f"speculative, {num_drafts[0]} drafts, no head cache"] = dict(
+            num_draft=num_drafts[0], head_cache=False, count=args.recompute_questions
+        )
+    plain = Tally()
+    tallies = {name: Tally() for name in methods}
+    totals = {name: SpeculativeStats() for name in methods}
+    mismatches = {name: [] for name in methods}
+    for index, prompt in enumerate(prompts):
+        expected, wall, cpu = timed(plain_greedy, model, torch.tensor([prompt]), args.max_new_tokens, eos)
+        plain.tokens, plain.wall_s, plain.cpu_s = plain.tokens + len(expected), plain.wall_s + wall, plain.cpu_s + cpu
+        for name, method in methods.items():
+            if index >= method["count"]:
+                continue
+            result, method_wall, method_cpu = timed(
+                speculative_generate, model, heads, prompt, max_new_tokens=args.max_new_tokens,
+                num_draft=method["num_draft"], head_cache=method["head_cache"],
+            )
+            totals[name] = totals[name].merge(result.stats)
+            tally = tallies[name]
+            tally.tokens += len(result.tokens)
+            tally.wall_s += method_wall
+            tally.cpu_s += method_cpu
+            tally.plain_tokens += len(expected)
+            tally.plain_wall_s += wall
+            tally.plain_cpu_s += cpu
+            position = first_difference(result.tokens, expected)
+            if position is not None:
+                mismatches[name].append((index, position))
+        print(f"question {index + 1}/{len(prompts)}: {len(expected)} tokens, plain {len(expected) / wall:.1f} tokens/s, "
+              f"load average {os.getloadavg()[0]:.1f}", flush=True)
+
+    print(f"\nplain model.generate: {plain.tokens} tokens in {plain.wall_s:.1f} s = {plain.tokens / plain.wall_s:.2f} tokens/s "
+          f"({plain.tokens / plain.cpu_s:.2f} tokens per CPU second)")
+    results = {"plain": asdict(plain), "methods": {}}
+    for name, stats in totals.items():
+        tally = tallies[name]
+        wall_ratio, cpu_ratio = tally.ratios()
+        identical = "identical" if not mismatches[name] else f"DIFFERENT in {len(mismatches[name])} answers {mismatches[name]}"
+        print(f"{name}: {tally.tokens / tally.wall_s:.2f} tokens/s, {wall_ratio:.2f}x plain wall-clock and {cpu_ratio:.2f}x "
+              f"plain CPU time on the same {stats.prompts} questions; outputs {identical}")
+        print(f"    {stats.summary()}")
+        results["methods"][name] = {
+            **asdict(tally), "wall_ratio": wall_ratio, "cpu_ratio": cpu_ratio, "tokens_per_forward": stats.tokens_per_forward,
+            "acceptance_by_head": stats.acceptance_by_head(), "mismatches": mismatches[name], "prefill_s": stats.prefill_s,
+            "verify_s": stats.verify_s, "heads_s": stats.heads_s, "steps": stats.steps,
+        }
+
+    context = len(prompts[0]) + 150
+    timings = time_block_forwards(model, prompts[0], context, max(num_drafts) + 1)
+    print(f"\none cached forward after {context} tokens, by block size: " + ", ".join(
+        f"{size}: {seconds * 1000:.1f} ms ({seconds / timings[1]:.2f}x)" for size, seconds in timings.items()
+    ))
+    for name, stats in totals.items():
+        drafts = stats.steps + stats.prompts  # the heads run once after the prefill and once per step
+        print(f"{name}: {stats.verify_s / max(stats.steps, 1) * 1000:.1f} ms verification and "
+              f"{stats.heads_s / max(drafts, 1) * 1000:.1f} ms drafting per step")
+    results["timings"] = timings
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,620 @@
+"""Self-speculative decoding: the auxiliary heads draft tokens and the model verifies them in one forward pass.
+
+    caft generate -model runs/my-run --heads runs/my-run/heads --prompt "What is 12 * 7?" --stream
+
+Each step feeds the model a block `[t0, d1, ..., dn]`: t0 is the model's own next token and d_k is
+the draft of head k, computed from the state at the position before t0 (head k predicts token
+t+1+k). One forward pass with the KV cache gives the model's distribution after every block
+token. The longest prefix of drafts that the model agrees with is kept, the model's token after
+that prefix becomes the next t0, and the rejected positions are cropped from the KV cache.
+
+Greedy decoding (temperature 0) accepts a draft when it equals the model's argmax, so the output
+is the output of `model.generate(do_sample=False)` up to floating-point differences between a
+block forward and a one-token forward. Sampling (temperature > 0) uses the speculative sampling
+rule of Leviathan et al. 2023 and Chen et al. 2023, with each head's distribution as the draft
+distribution: draft d is accepted with probability min(1, p(d) / q(d)), and after a rejection
+the token is drawn from max(0, p - q) normalised. The tokens then follow the model's own
+temperature-scaled distribution (no top-k or top-p).
+
+Transformer heads are attention layers that need keys and values for every earlier position.
+Each head layer keeps its own KV cache (`head_cache=True`, the default) or recomputes them from
+the stored last-layer inputs at every step (`head_cache=False`, slower, kept for comparison).
+Batch size 1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .heads import AuxiliaryHeads, build_heads, find_decoder_layers, find_final_norm, load_heads_state, read_heads_file
+from .model import make_unembed, unwrap_causal_lm
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SpeculativeStats:
+    """Counters of one or more speculative generations. Times are wall-clock seconds."""
+
+    prompts: int = 0
+    new_tokens: int = 0
+    forwards: int = 0
+    """Model forward passes: one prefill per prompt plus one per verification step."""
+    steps: int = 0
+    """Verification steps (forward passes over a block of proposed tokens)."""
+    accepted_drafts: int = 0
+    reached: list[int] = field(default_factory=list)
+    """Per head k (index k-1): steps in which draft k was checked, i.e. drafts 1..k-1 were accepted."""
+    accepted: list[int] = field(default_factory=list)
+    """Per head k: steps in which draft k was accepted."""
+    prefill_s: float = 0.0
+    verify_s: float = 0.0
+    heads_s: float = 0.0
+    total_s: float = 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Mean tokens committed per model forward pass (1.0 for plain decoding)."""
+        return self.new_tokens / max(self.forwards, 1)
+
+    @property
+    def mean_accepted_drafts(self) -> float:
+        return self.accepted_drafts / max(self.steps, 1)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.total_s if self.total_s > 0 else 0.0
+
+    def acceptance_by_head(self) -> list[float]:
+        """Per head k: the fraction of checked drafts that were accepted (NaN when never checked)."""
+        return [a / r if r else float("nan") for a, r in zip(self.accepted, self.reached)]
+
+    def merge(self, other: SpeculativeStats) -> SpeculativeStats:
+        size = max(len(self.reached), len(other.reached))
+        pad = lambda values: values + [0] * (size - len(values))  # noqa: E731
+        return SpeculativeStats(
+            prompts=self.prompts + other.prompts,
+            new_tokens=self.new_tokens + other.new_tokens,
+            forwards=self.forwards + other.forwards,
+            steps=self.steps + other.steps,
+            accepted_drafts=self.accepted_drafts + other.accepted_drafts,
+            reached=[a + b for a, b in zip(pad(self.reached), pad(other.reached))],
+            accepted=[a + b for a, b in zip(pad(self.accepted), pad(other.accepted))],
+            prefill_s=self.prefill_s + other.prefill_s,
+            verify_s=self.verify_s + other.verify_s,
+            heads_s=self.heads_s + other.heads_s,
+            total_s=self.total_s + other.total_s,
+        )
+
+    def summary(self) -> str:
+        rates = ", ".join(f"head {k}: {rate:.2f}" for k, rate in enumerate(self.acceptance_by_head(), start=1))
+        return (
+            f"{self.new_tokens} new tokens in {self.total_s:.2f} s ({self.tokens_per_s:.1f} tokens/s); "
+            f"{self.tokens_per_forward:.2f} tokens per model forward, {self.mean_accepted_drafts:.2f} accepted drafts "
+            f"per step over {self.steps} steps; acceptance by head ({rates or 'no drafts'}); "
+            f"time: prefill {self.prefill_s:.2f} s, verification {self.verify_s:.2f} s, heads {self.heads_s:.2f} s"
+        )
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]
+    """The new tokens, ending with an end-of-sequence token when one was generated."""
+    stats: SpeculativeStats
+
+
+class _LastLayerCapture:
+    """Hooks that record the last decoder layer's inputs and output and the final norm's output.
+
+    The heads read exactly these tensors: transformer heads in `sibling` wiring take the last
+    layer's inputs, `reference` wiring takes the final norm's output, linear heads the last
+    layer's output. The hooks are removed on exit.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.args: tuple = ()
+        self.kwargs: dict = {}
+        self.output: torch.Tensor | None = None
+        self.final_hidden: torch.Tensor | None = None
+
+    def __enter__(self) -> _LastLayerCapture:
+        last_layer = find_decoder_layers(self.model)[-1]
+        self.hooks = [
+            last_layer.register_forward_pre_hook(self._save_inputs, with_kwargs=True),
+            last_layer.register_forward_hook(self._save_output),
+            find_final_norm(self.model).register_forward_hook(self._save_final_hidden),
+        ]
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+    def _save_inputs(self, module, args, kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def _save_output(self, module, args, output):
+        self.output = output[0] if isinstance(output, tuple) else output
+
+    def _save_final_hidden(self, module, args, output):
+        self.final_hidden = output
+
+    def layer_inputs(self) -> tuple[torch.Tensor, tuple, dict]:
+        """Return (hidden states, other positional args, kwargs) of the last decoder layer's call."""
+        if self.args:
+            return self.args[0], tuple(self.args[1:]), dict(self.kwargs)
+        kwargs = dict(self.kwargs)
+        return kwargs.pop("hidden_states"), (), kwargs
+
+
+def _with_cache(args: tuple, kwargs: dict, cache) -> tuple[tuple, dict]:
+    """Return copies of a decoder layer's args and kwargs with every KV cache object replaced by `cache`."""
+    from transformers import Cache
+
+    found = False
+    new_args = []
+    for value in args:
+        if isinstance(value, Cache):
+            value, found = cache, True
+        new_args.append(value)
+    new_kwargs = {}
+    for name, value in kwargs.items():
+        if isinstance(value, Cache):
+            value, found = cache, True
+        new_kwargs[name] = value
+    if not found:
+        raise ValueError("The last decoder layer was called without a KV cache object, so the heads cannot keep their own.")
+    return tuple(new_args), new_kwargs
+
+
+class HeadDrafter:
+    """Runs heads 1..num_draft on the captured states of each block and returns their logits at one position.
+
+    With `use_cache`, every layer of every head has its own DynamicCache, cropped in step with
+    the model's cache. A copied layer keeps the last layer's `layer_idx`, so one cache per head
+    layer avoids collisions. Without `use_cache`, the inputs of every earlier block are stored
+    and replayed through fresh caches at each step (the recomputation baseline).
+    """
+
+    def __init__(self, model: nn.Module, heads: AuxiliaryHeads, num_draft: int, use_cache: bool = True):
+        self.model = model
+        self.config = heads.config
+        self.heads = list(heads.heads)[:num_draft]
+        self.norm = find_final_norm(model)
+        self.unembeds = [make_unembed(model, getattr(head, "lm_head", None)) for head in self.heads]
+        self.shared_unembed = make_unembed(model)
+        self.use_cache = use_cache
+        self.history: list[tuple[torch.Tensor, tuple, dict, int]] = []
+        self.caches = [self._new_caches(head) for head in self.heads]
+
+    def _new_caches(self, head) -> list:
+        from transformers import DynamicCache
+
+        return [DynamicCache(config=self.model.config) for _ in head.layers]
+
+    def draft_logits(self, capture: _LastLayerCapture, row: int) -> list[torch.Tensor]:
+        """Return each head's logits (V,) at block position `row`; forget the block positions after it."""
+        if self.config.arch == "linear":
+            index = row % capture.output.shape[1]
+            hidden = capture.output[:, index : index + 1]
+            return self._unembed([self.norm(head.forward_layers(hidden, (), {})) for head in self.heads])
+
+        layer_hidden, args, kwargs = capture.layer_inputs()
+        if self.config.wiring == "reference":
+            layer_hidden = capture.final_hidden
+        index = row % layer_hidden.shape[1]
+        to_remove = layer_hidden.shape[1] - 1 - index
+        if not self.use_cache:
+            self.caches = [self._new_caches(head) for head in self.heads]
+            for old_hidden, old_args, old_kwargs, old_remove in self.history:
+                self._run_layers(old_hidden, old_args, old_kwargs, old_remove)
+            self.history.append((layer_hidden, args, kwargs, to_remove))
+        outputs = [output[:, index : index + 1] for output in self._run_layers(layer_hidden, args, kwargs, to_remove)]
+        if self.config.wiring != "reference":
+            outputs = [self.norm(output) for output in outputs]
+        return self._unembed(outputs)
+
+    def _unembed(self, hidden_states: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Map each head's (1, 1, H) state to logits (V,); heads sharing lm_head go through it in one matmul."""
+        if self.config.separate_unembed:
+            return [unembed(hidden)[0, -1] for hidden, unembed in zip(hidden_states, self.unembeds)]
+        if not hidden_states:
+            return []
+        # One (1, n, H) x (H, V) product reads the unembedding weight once instead of n times.
+        return list(self.shared_unembed(torch.cat(hidden_states, dim=1))[0])
+
+    def _run_layers(self, hidden: torch.Tensor, args: tuple, kwargs: dict, to_remove: int) -> list[torch.Tensor]:
+        outputs = []
+        for head, caches in zip(self.heads, self.caches):
+            state = hidden
+            for layer, cache in zip(head.layers, caches):
+                layer_args, layer_kwargs = _with_cache(args, kwargs, cache)
+                output = layer(state, *layer_args, **layer_kwargs)
+                state = output[0] if isinstance(output, tuple) else output
+                if to_remove:
+                    cache.crop(-to_remove)
+            outputs.append(state)
+        return outputs
+
+
+def _eos_ids(model: nn.Module, eos_token_id) -> set[int]:
+    if eos_token_id is None:
+        generation_config = getattr(model, "generation_config", None)
+        eos_token_id = getattr(generation_config, "eos_token_id", None)
+    if eos_token_id is None:
+        return set()
+    return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(i) for i in eos_token_id}
+
+
+class _TokenChooser:
+    """Greedy or temperature sampling from logits, with the speculative acceptance rule."""
+
+    def __init__(self, temperature: float, generator: torch.Generator | None):
+        self.temperature = temperature
+        self.generator = generator
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits.float() / self.temperature, dim=-1)
+
+    def choose(self, logits: torch.Tensor) -> int:
+        if self.greedy:
+            return int(torch.argmax(logits))
+        return self.sample(self.probs(logits))
+
+    def sample(self, probs: torch.Tensor) -> int:
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def accept(self, draft: int, model_logits: torch.Tensor, draft_logits: torch.Tensor) -> tuple[bool, int | None]:
+        """Decide on one draft token; return (accepted, replacement token after a rejection)."""
+        if self.greedy:
+            choice = int(torch.argmax(model_logits))
+            return choice == draft, None if choice == draft else choice
+        p, q = self.probs(model_logits), self.probs(draft_logits)
+        uniform = float(torch.rand((), generator=self.generator))
+        if uniform * q[draft] < p[draft]:
+            return True, None
+        residual = torch.clamp(p - q, min=0.0)
+        if float(residual.sum()) <= 0.0:  # p == q up to rounding; a rejection then has zero probability
+            residual = p
+        return False, self.sample(residual / residual.sum())
+
+
+@torch.inference_mode()
+def speculative_generate(
+    model: nn.Module,
+    heads: AuxiliaryHeads,
+    input_ids: torch.Tensor | list[int],
+    max_new_tokens: int = 256,
+    num_draft: int | None = None,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+    head_cache: bool = True,
+    on_tokens: Callable[[list[int]], None] | None = None,
+) -> GenerationResult:
+    """Generate up to `max_new_tokens` tokens after `input_ids` (one prompt), drafting with heads 1..num_draft.
+
+    temperature 0 is greedy decoding; above 0, samples from softmax(logits / temperature) with a
+    torch.Generator seeded by `seed`. `eos_token_id` defaults to the model's generation config.
+    `on_tokens` receives each group of tokens as soon as it is accepted. `num_draft=0` decodes
+    one token per forward pass through the same code path. The model and heads run in eval mode
+    and get their previous mode back afterwards.
+    """
+    model = unwrap_causal_lm(model)
+    num_draft = len(heads) if num_draft is None else num_draft
+    if not 0 <= num_draft <= len(heads):
+        raise ValueError(f"num_draft must be between 0 and the number of heads ({len(heads)}), got {num_draft}.")
+    if temperature < 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy decoding), got {temperature}.")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+    device = next(model.parameters()).device
+    input_ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
+        raise ValueError(
+            f"speculative_generate takes one non-empty prompt, shape (1, length); got shape {tuple(input_ids.shape)}. "
+            "Call it once per prompt."
+        )
+
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed if seed is not None else torch.seed())
+    decoding = _SpeculativeDecoding(
+        model, heads, num_draft, _TokenChooser(temperature, generator), _eos_ids(model, eos_token_id), max_new_tokens,
+        head_cache, on_tokens,
+    )
+    if max_new_tokens == 0:
+        return GenerationResult(tokens=[], stats=decoding.stats)
+    modes = (model.training, heads.training)
+    model.eval()
+    heads.eval()
+    try:
+        with _LastLayerCapture(model) as capture:
+            decoding.run(input_ids, capture)
+    finally:
+        model.train(modes[0])
+        heads.train(modes[1])
+    return GenerationResult(tokens=decoding.tokens, stats=decoding.stats)
+
+
+class _SpeculativeDecoding:
+    """The state of one generation: the model's KV cache, the heads' drafter, the tokens and the counters."""
+
+    def __init__(self, model, heads, num_draft, chooser, eos_ids, max_new_tokens, head_cache, on_tokens):
+        self.model = model
+        self.heads = heads
+        self.num_draft = num_draft
+        self.chooser = chooser
+        self.eos_ids = eos_ids
+        self.max_new_tokens = max_new_tokens
+        self.head_cache = head_cache
+        self.on_tokens = on_tokens
+        self.tokens: list[int] = []
+        self.stats = SpeculativeStats(prompts=1, reached=[0] * num_draft, accepted=[0] * num_draft)
+
+    def run(self, input_ids: torch.Tensor, capture: _LastLayerCapture) -> None:
+        from transformers import DynamicCache
+
+        start = time.perf_counter()
+        self.device = input_ids.device
+        self.drafter = HeadDrafter(self.model, self.heads, self.num_draft, use_cache=self.head_cache)
+        self.cache = DynamicCache(config=self.model.config)
+        output = self.model(input_ids=input_ids, cache=self.cache, use_cache=True, logits_to_keep=1)
+        self.stats.forwards += 1
+        next_token = self.chooser.choose(output.logits[0, -1])
+        self.stats.prefill_s = time.perf_counter() - start
+        head_logits = self._draft(capture, -1) if self.num_draft and self.max_new_tokens > 1 else []
+
+        while next_token is not None:
+            next_token, head_logits = self._step(capture, next_token, head_logits)
+        self.stats.new_tokens = len(self.tokens)
+        self.stats.total_s = time.perf_counter() - start
+
+    def _step(self, capture, next_token: int, head_logits: list[torch.Tensor]) -> tuple[int | None, list[torch.Tensor]]:
+        """Commit `next_token`, verify the drafts after it and commit the accepted ones.
+
+        Returns the model's token after them and the heads' logits for the next drafts, or
+        (None, []) when generation has ended.
+        """
+        self.tokens.append(next_token)
+        new = [next_token]
+        remaining = self.max_new_tokens - len(self.tokens)
+        if next_token in self.eos_ids or remaining == 0:
+            self._emit(new)
+            return None, []
+        drafts = [self.chooser.choose(logits) for logits in head_logits[:remaining]]
+
+        tick = time.perf_counter()
+        block = torch.tensor([[next_token] + drafts], dtype=torch.long, device=self.device)
+        logits = self.model(input_ids=block, cache=self.cache, use_cache=True).logits[0]  # (1 + drafts, V)
+        self.stats.forwards += 1
+        self.stats.steps += 1
+        num_accepted, next_token = _verify(self.chooser, drafts, logits, head_logits, self.stats)
+        if num_accepted < len(drafts):
+            self.cache.crop(num_accepted - len(drafts))  # transformers 5 takes minus the number of tokens to drop
+        self.stats.verify_s += time.perf_counter() - tick
+
+        for draft in drafts[:num_accepted]:
+            self.tokens.append(draft)
+            new.append(draft)
+            if draft in self.eos_ids:
+                break
+        self._emit(new)
+        if self.tokens[-1] in self.eos_ids or len(self.tokens) == self.max_new_tokens:
+            return None, []
+        return next_token, self._draft(capture, num_accepted) if self.num_draft else []
+
+    def _draft(self, capture: _LastLayerCapture, row: int) -> list[torch.Tensor]:
+        tick = time.perf_counter()
+        logits = self.drafter.draft_logits(capture, row)
+        self.stats.heads_s += time.perf_counter() - tick
+        return logits
+
+    def _emit(self, new: list[int]) -> None:
+        if self.on_tokens is not None:
+            self.on_tokens(new)
+
+
+def _verify(chooser: _TokenChooser, drafts: list[int], logits: torch.Tensor, head_logits, stats) -> tuple[int, int]:
+    """Accept the longest agreeing prefix of drafts; return (accepted count, the model's next token)."""
+    for index, draft in enumerate(drafts):
+        stats.reached[index] += 1
+        accepted, replacement = chooser.accept(draft, logits[index], head_logits[index])
+        if not accepted:
+            return index, replacement
+        stats.accepted[index] += 1
+        stats.accepted_drafts += 1
+    return len(drafts), chooser.choose(logits[len(drafts)])
+
+
+# Loading and the command line ---------------------------------------------------------------------
+
+
+def load_model_for_generation(name_or_path: str, dtype: str = "float32") -> tuple[nn.Module, object, Path | None]:
+    """Load a model for inference: a base model name, a merged model folder, or a caft LoRA run folder.
+
+    A LoRA run folder (with adapter_config.json) is merged into its base model in memory.
+    Returns (model, tokenizer, the model's folder or None for a hub id).
+    """
+    from .assets import resolve_model_name
+    from .loading import load_model, load_tokenizer
+
+    folder = Path(name_or_path)
+    adapter_config = folder / "adapter_config.json"
+    if adapter_config.is_file():
+        from peft import PeftModel
+
+        base_name = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+        model = PeftModel.from_pretrained(load_model(base_name, dtype), str(folder)).merge_and_unload()
+        tokenizer_source = str(folder) if (folder / "tokenizer_config.json").is_file() else base_name
+    else:
+        model = load_model(name_or_path, dtype)
+        tokenizer_source = name_or_path
+    model.eval()
+    local = Path(resolve_model_name(name_or_path))
+    return model, load_tokenizer(tokenizer_source), local if local.is_dir() else None
+
+
+def load_heads_for(model: nn.Module, source: str | Path) -> AuxiliaryHeads:
+    """Build heads of the saved shape on `model` and load their weights strictly from a heads folder or file."""
+    from .heads import HeadsConfig, infer_config_from_state
+
+    saved_config, state, where = read_heads_file(source)
+    config = saved_config or infer_config_from_state(state)
+    fresh = HeadsConfig(
+        num_heads=config.num_heads,
+        num_layers=config.num_layers,
+        arch=config.arch,
+        wiring=config.wiring,
+        separate_unembed=config.separate_unembed,
+        base_model=config.base_model,
+        extra=dict(config.extra),
+    )
+    heads = build_heads(model, fresh)
+    load_heads_state(heads, state, where)
+    return heads
+
+
+def encode_prompt(tokenizer, text: str, chat_template: bool = True) -> list[int]:
+    """Tokenize a prompt as training does: one user turn rendered with the generation prompt, or plain text.
+
+    With the chat template, the tokens equal those that `caft.chat.tokenize_conversation` puts
+    before the assistant reply of the same user message, so generation sees the training layout.
+    """
+    from .chat import _tokenizer_adds_bos
+
+    if not chat_template:
+        return tokenizer(text)["input_ids"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"The tokenizer of {getattr(tokenizer, 'name_or_path', '') or 'this model'} has no chat template. "
+            "Pass --no-chat-template to use the prompt text as it is."
+        )
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    if _tokenizer_adds_bos(tokenizer) and ids[:1] != [tokenizer.bos_token_id]:
+        ids.insert(0, tokenizer.bos_token_id)
+    return ids
+
+
+def read_prompts(path: str | Path, prompt_field: str) -> list[str]:
+    """Read the `prompt_field` string of every row of a .jsonl/.json file."""
+    from .data import DataError, _iter_file_rows
+
+    prompts = []
+    for location, row in _iter_file_rows(Path(path)):
+        if not isinstance(row, dict):
+            raise DataError(f"{location}: expected a JSON object, got {type(row).__name__}.")
+        if prompt_field not in row:
+            raise DataError(
+                f"{location}: missing field {prompt_field!r} (fields: {', '.join(sorted(row)) or 'none'}). "
+                "Name the prompt field with --prompt-field."
+            )
+        if not isinstance(row[prompt_field], str):
+            raise DataError(f"{location}: field {prompt_field!r} must be a string, got {type(row[prompt_field]).__name__}.")
+        prompts.append(row[prompt_field])
+    if not prompts:
+        raise DataError(f"{path}: no prompts found. Add rows with a {prompt_field!r} field.")
+    return prompts
+
+
+def register(subparsers) -> None:
+    """Add the `caft generate` subcommand."""
+    parser = subparsers.add_parser(
+        "generate",
+        help="Generate with self-speculative decoding: the auxiliary heads draft, the model verifies.",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument(
+        "--model-name-or-path", "--model", "-model", default="smollm2",
+        help="A base model (hub id, folder, or 'smollm2'), a merged model folder, or a caft LoRA run folder "
+        "(default: %(default)s).",
+    )
+    parser.add_argument("--heads", help="Heads folder or heads.pth file (default: the heads/ folder inside the model folder).")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="One prompt text.")
+    source.add_argument("--prompts-file", help="A .jsonl or .json file of prompts, one per row.")
+    parser.add_argument("--prompt-field", default="prompt", help="Field of --prompts-file rows holding the prompt (default: %(default)s).")
+    parser.add_argument("--num-draft", type=int, default=None, help="Drafted tokens per step, from heads 1..N (default: all heads).")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="Maximum new tokens per prompt (default: %(default)s).")
+    parser.add_argument(
+        "--chat-template", action=argparse.BooleanOptionalAction, default=True,
+        help="Wrap each prompt as a user turn of the tokenizer's chat template (default: on).",
+    )
+    parser.add_argument("--stream", action="store_true", help="Print text as tokens are accepted.")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy decoding; above 0, sampling (default: %(default)s).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the sampling generator (default: %(default)s).")
+    parser.add_argument(
+        "--head-cache", action=argparse.BooleanOptionalAction, default=True,
+        help="Keep a KV cache per head layer; --no-head-cache recomputes the heads' keys and values at each step.",
+    )
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="Weight dtype.")
+    parser.add_argument("--output", help="Write one JSON object per prompt (prompt, completion, counts) to this .jsonl file.")
+    parser.set_defaults(handler=run_generate_command)
+
+
+def run_generate_command(args: argparse.Namespace) -> int:
+    """Handle `caft generate`: load, generate for every prompt, print the texts and the statistics."""
+    from transformers import TextStreamer
+
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts_file, args.prompt_field)
+    model, tokenizer, folder = load_model_for_generation(args.model_name_or_path, args.dtype)
+    heads_source = args.heads
+    if heads_source is None:
+        if folder is None or not (folder / "heads").is_dir():
+            raise FileNotFoundError(f"No heads/ folder inside {args.model_name_or_path}; pass the heads with --heads DIR.")
+        heads_source = folder / "heads"
+    heads = load_heads_for(model, heads_source)
+
+    total = SpeculativeStats()
+    output_file = open(args.output, "w", encoding="utf-8") if args.output else None
+    try:
+        for index, prompt in enumerate(prompts):
+            ids = encode_prompt(tokenizer, prompt, args.chat_template)
+            on_tokens = None
+            if args.stream:
+                streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+                streamer.put(torch.tensor(ids))
+                on_tokens = lambda new, streamer=streamer: streamer.put(torch.tensor(new))  # noqa: E731
+            result = speculative_generate(
+                model, heads, ids, max_new_tokens=args.max_new_tokens, num_draft=args.num_draft,
+                temperature=args.temperature, seed=args.seed + index, head_cache=args.head_cache, on_tokens=on_tokens,
+            )
+            text = tokenizer.decode(result.tokens, skip_special_tokens=True)
+            if args.stream:
+                streamer.end()
+            else:
+                print(text, flush=True)
+            if len(prompts) > 1:
+                print(f"[prompt {index + 1}/{len(prompts)}] {result.stats.summary()}\n", file=sys.stderr)
+            if output_file is not None:
+                record = {"prompt": prompt, "completion": text, "new_tokens": len(result.tokens),
+                          "tokens_per_forward": round(result.stats.tokens_per_forward, 3)}
+                output_file.write(json.dumps(record) + "\n")
+            total = total.merge(result.stats)
+    finally:
+        if output_file is not None:
+            output_file.close()
+    print(f"\n{total.prompts} prompt(s): {total.summary()}")
+    return 0

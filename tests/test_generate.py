@@ -1,0 +1,433 @@
+"""Self-speculative decoding: greedy output equals `model.generate`, head caches equal the training-time heads,
+sampling keeps the model's distribution, and `caft generate` runs end to end."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from caft.cli import main as cli_main
+from caft.generate import (
+    HeadDrafter,
+    _LastLayerCapture,
+    _TokenChooser,
+    _verify,
+    encode_prompt,
+    load_heads_for,
+    speculative_generate,
+    SpeculativeStats,
+)
+from caft.heads import HeadsConfig, build_heads, find_decoder, save_heads
+from caft.model import add_auxiliary_heads, make_unembed, run_heads
+
+HEAD_VARIANTS = {
+    "transformer-sibling": dict(arch="transformer", wiring="sibling", num_layers=1),
+    "transformer-reference-2-layers": dict(arch="transformer", wiring="reference", num_layers=2),
+    "transformer-own-unembedding": dict(arch="transformer", wiring="sibling", num_layers=1, separate_unembed=True),
+    "linear": dict(arch="linear", wiring="sibling", num_layers=1),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and OpenMP threads on a busy shared CPU make them many times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_model(kind: str, vocab_size: int = 64, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=vocab_size, bos_token_id=None, eos_token_id=None)
+    settings.update(overrides)
+    if kind == "llama":
+        config = LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=256, **settings,
+        )
+        return LlamaForCausalLM(config).eval()
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **settings)
+    return GPT2LMHeadModel(config).eval()
+
+
+def random_heads(model, num_heads: int = 3, seed: int = 0, noise: float = 0.05, **variant):
+    """Heads built from the model, with every weight perturbed so no head copies another or the model."""
+    torch.manual_seed(seed)
+    heads = build_heads(model, HeadsConfig(num_heads=num_heads, **variant))
+    with torch.no_grad():
+        for parameter in heads.parameters():
+            parameter.add_(torch.randn_like(parameter) * noise)
+    return heads.eval()
+
+
+def greedy_reference(model, prompt: torch.Tensor, max_new_tokens: int, eos_token_id=None) -> list[int]:
+    output = model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id, pad_token_id=0,
+    )
+    return output[0, prompt.shape[1]:].tolist()
+
+
+# Greedy decoding ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("variant", list(HEAD_VARIANTS))
+@pytest.mark.parametrize("head_cache", [True, False], ids=["head-cache", "recompute"])
+def test_greedy_equals_generate(kind, variant, head_cache):
+    model = tiny_model(kind)
+    heads = random_heads(model, **HEAD_VARIANTS[variant])
+    prompt = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(1))
+    expected = greedy_reference(model, prompt, 24)
+
+    result = speculative_generate(model, heads, prompt, max_new_tokens=24, eos_token_id=[], head_cache=head_cache)
+
+    assert result.tokens == expected
+    assert result.stats.new_tokens == 24
+    assert result.stats.reached[0] == result.stats.steps
+
+
+def test_greedy_exercises_accept_and_reject():
+    """A tiny llama whose output falls into a loop: some drafts are accepted and some rejected, output unchanged."""
+    model = tiny_model("llama", seed=3)
+    torch.manual_seed(3)
+    heads = build_heads(model, HeadsConfig(num_heads=3)).eval()
+    prompt = torch.randint(0, 64, (1, 7))
+    expected = greedy_reference(model, prompt, 40)
+
+    result = speculative_generate(model, heads, prompt, max_new_tokens=40, eos_token_id=[])
+
+    assert result.tokens == expected
+    assert 0 < result.stats.accepted[0] < result.stats.reached[0]
+    assert result.stats.forwards < 40
+    assert result.stats.tokens_per_forward == pytest.approx(40 / result.stats.forwards)
+
+
+@pytest.mark.parametrize("max_new_tokens", [0, 1, 2, 3, 5, 11])
+def test_greedy_max_new_tokens(max_new_tokens):
+    model = tiny_model("gpt2")
+    heads = random_heads(model)
+    prompt = torch.tensor([[5, 9, 2, 33]])
+    expected = greedy_reference(model, prompt, 11)[:max_new_tokens]
+
+    result = speculative_generate(model, heads, prompt, max_new_tokens=max_new_tokens, eos_token_id=[])
+
+    assert result.tokens == expected
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_greedy_stops_at_eos(kind):
+    model = tiny_model(kind, seed=3)
+    heads = random_heads(model)
+    prompt = torch.tensor([[3, 14, 15, 9, 26]])
+    free_run = greedy_reference(model, prompt, 30)
+    eos = free_run[6]  # a token the model produces, so generation must stop at its first occurrence
+    expected = greedy_reference(model, prompt, 30, eos_token_id=eos)
+
+    result = speculative_generate(model, heads, prompt, max_new_tokens=30, eos_token_id=eos)
+
+    assert result.tokens == expected
+    assert result.tokens[-1] == eos
+    assert eos not in result.tokens[:-1]
+
+
+def test_num_draft_zero_is_plain_decoding():
+    model = tiny_model("llama")
+    heads = random_heads(model)
+    prompt = torch.tensor([[1, 2, 3]])
+
+    result = speculative_generate(model, heads, prompt, max_new_tokens=12, num_draft=0, eos_token_id=[])
+
+    assert result.tokens == greedy_reference(model, prompt, 12)
+    assert result.stats.forwards == 12
+    assert result.stats.reached == []
+
+
+# Head caches against the training-time heads ----------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("variant", list(HEAD_VARIANTS))
+@pytest.mark.parametrize("head_cache", [True, False], ids=["head-cache", "recompute"])
+def test_draft_logits_equal_run_heads(kind, variant, head_cache):
+    """Blocks with cropped rejections give the logits that caft.model.run_heads gives on the whole sequence."""
+    model = tiny_model(kind)
+    heads = random_heads(model, **HEAD_VARIANTS[variant])
+    prompt = torch.tensor([[4, 8, 15, 16, 23, 42]])
+    blocks = [([7, 1, 9, 30], 1), ([2, 5, 61], 2), ([11, 12], 0)]  # (block tokens, index of the last kept token)
+
+    cache = DynamicCache(config=model.config)
+    kept = prompt[0].tolist()
+    with torch.no_grad(), _LastLayerCapture(model) as capture:
+        drafter = HeadDrafter(model, heads, num_draft=len(heads), use_cache=head_cache)
+        model(input_ids=prompt, cache=cache, use_cache=True)
+        drafter.draft_logits(capture, -1)
+        for tokens, last_kept in blocks:
+            model(input_ids=torch.tensor([tokens]), cache=cache, use_cache=True)
+            removed = len(tokens) - 1 - last_kept
+            if removed:
+                cache.crop(-removed)
+            logits = drafter.draft_logits(capture, last_kept)
+            kept += tokens[: last_kept + 1]
+    assert cache.get_seq_length() == len(kept)
+
+    reference_model = add_auxiliary_heads(copy.deepcopy(model), heads=copy.deepcopy(heads))
+    with torch.no_grad():
+        reference_model._caft_capture.active = True
+        # use_cache=False as in caft_forward: GPT-2 passes its cache positionally and run_heads would write into it.
+        final_hidden = find_decoder(reference_model)(input_ids=torch.tensor([kept]), use_cache=False).last_hidden_state
+        expected = [
+            make_unembed(reference_model, own_head)(hidden[:, -1])[0] for hidden, own_head in run_heads(reference_model, final_hidden)
+        ]
+        reference_model._caft_capture.clear()
+    for k, (actual, wanted) in enumerate(zip(logits, expected), start=1):
+        torch.testing.assert_close(actual, wanted, atol=1e-5, rtol=1e-5, msg=lambda message, k=k: f"head {k}: {message}")
+
+
+# Sampling ----------------------------------------------------------------------------------------
+
+
+def chi_square_critical(degrees: int, z: float = 3.09) -> float:
+    """Wilson-Hilferty approximation of the chi-square quantile; z = 3.09 is the 0.999 normal quantile."""
+    term = 2.0 / (9.0 * degrees)
+    return degrees * (1.0 - term + z * math.sqrt(term)) ** 3
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    """Pearson's statistic and degrees of freedom, with cells of expected count < 5 pooled into one."""
+    expected = probs * counts.sum()
+    small = expected < 5
+    observed = torch.cat([counts[~small], counts[small].sum().reshape(1)])
+    expected = torch.cat([expected[~small], expected[small].sum().reshape(1)])
+    keep = expected > 0
+    statistic = float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+    return statistic, int(keep.sum()) - 1
+
+
+def test_acceptance_rule_keeps_model_distribution():
+    """Drafts from q checked against p: the first token follows p0, the second (after an accepted first) p1."""
+    generator = torch.Generator().manual_seed(0)
+    vocab = 8
+    model_logits = torch.randn(3, vocab, generator=generator) * 1.5  # rows: p0, p1, p2
+    head_logits = torch.randn(2, vocab, generator=generator) * 1.5  # q1, q2
+    chooser = _TokenChooser(1.0, torch.Generator().manual_seed(1))
+    first, second = torch.zeros(vocab), torch.zeros(vocab)
+    stats = SpeculativeStats(reached=[0, 0], accepted=[0, 0])
+    for _ in range(8000):
+        drafts = [chooser.choose(logits) for logits in head_logits]
+        accepted, next_token = _verify(chooser, drafts, model_logits, head_logits, stats)
+        tokens = drafts[:accepted] + [next_token]
+        first[tokens[0]] += 1
+        if accepted >= 1:
+            second[tokens[1]] += 1
+
+    p0, p1 = torch.softmax(model_logits[0], -1), torch.softmax(model_logits[1], -1)
+    q1 = torch.softmax(head_logits[0], -1)
+    for name, counts, probs in (("first token", first, p0), ("second token", second, p1)):
+        statistic, degrees = chi_square(counts, probs)
+        assert statistic < chi_square_critical(degrees), f"{name}: chi-square {statistic:.1f} with {degrees} df"
+    # The test has power: always accepting the draft would give q1, far outside the tolerance.
+    assert chi_square(first, q1)[0] > 10 * chi_square_critical(vocab - 1)
+    assert 0 < stats.accepted[0] < stats.reached[0]
+
+
+def test_sampling_matches_model_distribution():
+    """End to end on a tiny model: the first two sampled tokens follow the model's exact joint distribution."""
+    vocab = 6
+    model = tiny_model("llama", vocab_size=vocab, initializer_range=0.3)
+    heads = random_heads(model, num_heads=2, noise=0.2)
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        first = torch.softmax(model(prompt).logits[0, -1], -1)
+        joint = torch.stack([
+            first[a] * torch.softmax(model(torch.cat([prompt, torch.tensor([[a]])], 1)).logits[0, -1], -1)
+            for a in range(vocab)
+        ])  # joint[a, b] = p(x1 = a) p(x2 = b | x1 = a)
+
+    counts = torch.zeros(vocab, vocab)
+    accepted = reached = 0
+    for seed in range(500):
+        result = speculative_generate(model, heads, prompt, max_new_tokens=2, temperature=1.0, seed=seed, eos_token_id=[])
+        counts[result.tokens[0], result.tokens[1]] += 1
+        accepted += result.stats.accepted[0]
+        reached += result.stats.reached[0]
+
+    statistic, degrees = chi_square(counts.flatten(), joint.flatten())
+    assert statistic < chi_square_critical(degrees), f"chi-square {statistic:.1f} with {degrees} df"
+    assert 0 < accepted < reached
+
+
+def test_sampling_is_seeded():
+    model = tiny_model("llama", initializer_range=0.3)
+    heads = random_heads(model)
+    prompt = torch.tensor([[1, 2, 3]])
+    runs = [
+        speculative_generate(model, heads, prompt, max_new_tokens=15, temperature=0.8, seed=seed, eos_token_id=[]).tokens
+        for seed in (7, 7, 8)
+    ]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+# Input checks ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(input_ids=torch.ones(2, 3, dtype=torch.long)), "one non-empty prompt"),
+        (dict(input_ids=torch.ones(1, 0, dtype=torch.long)), "one non-empty prompt"),
+        (dict(num_draft=4), "num_draft must be between 0 and the number of heads"),
+        (dict(temperature=-1.0), "temperature must be"),
+        (dict(max_new_tokens=-1), "max_new_tokens must be"),
+    ],
+)
+def test_invalid_arguments_raise(kwargs, message):
+    model = tiny_model("llama")
+    heads = random_heads(model)
+    arguments = dict(input_ids=torch.tensor([[1, 2]]))
+    arguments.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        speculative_generate(model, heads, **arguments)
+
+
+# Prompts and the command line --------------------------------------------------------------------
+
+
+def test_prompt_tokens_match_training_layout(smol_tokenizer):
+    """The chat prompt is the token prefix that training puts before the assistant reply (no template drift)."""
+    from caft.chat import IGNORE_INDEX, tokenize_conversation
+
+    question = "Natalia sold clips to 48 of her friends. How many clips did she sell?"
+    row = tokenize_conversation(
+        smol_tokenizer, [{"role": "user", "content": question}, {"role": "assistant", "content": "72"}], 512
+    )
+    first_label = next(i for i, label in enumerate(row["labels"]) if label != IGNORE_INDEX)
+
+    assert encode_prompt(smol_tokenizer, question) == row["input_ids"][:first_label]
+    assert encode_prompt(smol_tokenizer, question, chat_template=False) == smol_tokenizer(question)["input_ids"]
+
+
+@pytest.fixture
+def tiny_model_folder(tmp_path, smol_tokenizer):
+    """A tiny llama with the SmolLM2 vocabulary saved with its tokenizer and a heads/ folder."""
+    model = tiny_model("llama", vocab_size=len(smol_tokenizer), eos_token_id=smol_tokenizer.eos_token_id)
+    heads = random_heads(model, num_heads=2)
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    save_heads(heads, folder / "heads")
+    return folder, model, heads
+
+
+def test_cli_generate_subprocess(tiny_model_folder, smol_tokenizer, tmp_path):
+    folder, model, heads = tiny_model_folder
+    output = tmp_path / "out.jsonl"
+    command = [
+        sys.executable, "-m", "caft.cli", "generate", "-model", str(folder), "--prompt", "Hello there",
+        "--max-new-tokens", "9", "--num-draft", "2", "--output", str(output),
+    ]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
+    assert completed.returncode == 0, completed.stderr
+
+    prompt = torch.tensor([encode_prompt(smol_tokenizer, "Hello there")])
+    expected = greedy_reference(model, prompt, 9, eos_token_id=smol_tokenizer.eos_token_id)
+    record = json.loads(output.read_text())
+    assert record["completion"] == smol_tokenizer.decode(expected, skip_special_tokens=True)
+    assert record["new_tokens"] == len(expected)
+    assert "tokens per model forward" in completed.stdout
+    assert "tokens/s" in completed.stdout
+
+
+def test_lora_run_folder_is_merged(tiny_model_folder, tmp_path):
+    """A LoRA run folder loads as its base with the adapter merged in; its heads/ folder is the default."""
+    from peft import LoraConfig, get_peft_model
+
+    from caft.generate import load_model_for_generation
+
+    folder, model, heads = tiny_model_folder
+    torch.manual_seed(5)
+    adapter_model = get_peft_model(
+        copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    adapter_model.peft_config["default"].base_model_name_or_path = str(folder)
+    run = tmp_path / "run"
+    adapter_model.save_pretrained(run)
+    save_heads(heads, run / "heads")
+    batch = torch.tensor([[5, 17, 300, 9, 42]])
+
+    loaded, tokenizer, loaded_folder = load_model_for_generation(str(run))
+
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch).logits, adapter_model(batch).logits, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(loaded(batch).logits, model(batch).logits, atol=1e-3)
+    assert loaded_folder == run
+    assert len(tokenizer) == model.config.vocab_size
+
+
+def test_load_heads_rejects_other_model(tiny_model_folder):
+    folder, _, _ = tiny_model_folder
+    wider = LlamaForCausalLM(
+        LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    )
+    with pytest.raises(ValueError, match="do not fit this model"):
+        load_heads_for(wider, folder / "heads")
+
+
+def test_cli_prompts_file_errors(tiny_model_folder, write_jsonl, capsys):
+    folder, _, _ = tiny_model_folder
+    path = write_jsonl([{"prompt": "ok"}, {"question": "no prompt field"}])
+
+    code = cli_main(["generate", "-model", str(folder), "--prompts-file", str(path)])
+
+    assert code == 2
+    error = capsys.readouterr().err
+    assert f"{path}, line 2" in error
+    assert "missing field 'prompt'" in error
+    assert "--prompt-field" in error
+
+
+def test_cli_needs_heads(tmp_path, tiny_model_folder, capsys):
+    folder, _, _ = tiny_model_folder
+    (folder / "heads" / "model.safetensors").unlink()
+    (folder / "heads" / "config.json").unlink()
+    (folder / "heads").rmdir()
+
+    code = cli_main(["generate", "-model", str(folder), "--prompt", "hi"])
+
+    assert code == 2
+    assert "pass the heads with --heads DIR" in capsys.readouterr().err
+
+
+# Real model --------------------------------------------------------------------------------------
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("arch", ["transformer", "linear"])
+def test_real_model_greedy_equals_generate(arch):
+    """SmolLM2 with untrained heads (copies of the last layer, or zero linear heads that repeat the model's token)."""
+    from caft.generate import load_model_for_generation
+
+    model, tokenizer, _ = load_model_for_generation("smollm2")
+    heads = build_heads(model, HeadsConfig(num_heads=4, arch=arch)).eval()
+    questions = [
+        "A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts in total does it take?",
+        "Count from 1 to 30, separated by commas.",
+    ]
+    for question in questions:
+        prompt = torch.tensor([encode_prompt(tokenizer, question)])
+        expected = greedy_reference(model, prompt, 40, eos_token_id=tokenizer.eos_token_id)
+
+        result = speculative_generate(model, heads, prompt, max_new_tokens=40)
+
+        assert result.tokens == expected
