@@ -22,7 +22,7 @@ from caft.tasks import (
     rouge_scores,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from conftest import SHARED_DATA as DATA
 GSM8K_TEST = DATA / "gsm8k" / "test.jsonl"
 MBPP = DATA / "mbpp" / "mbpp.jsonl"
 
