@@ -20,9 +20,9 @@ appended with flush and fsync, so an interrupted run loses at most the batch in 
 last line (a crash during a write) is cut off on restart. The generation settings are stored in
 `<out>.settings.json`, and a rerun with other settings is rejected, so that one file never mixes two settings.
 
-Sampling draws each prompt's tokens from its own generator, seeded from --seed and the prompt id,
-so a reply does not depend on which prompts share its batch or on where a run was resumed
-(up to floating-point differences between batch compositions).
+Sampling draws each prompt's tokens from its own generator, seeded from --seed and the prompt id.
+A reply therefore does not depend on which prompts share its batch or on where a run was resumed,
+up to floating-point differences between batch compositions.
 """
 
 from __future__ import annotations

@@ -56,9 +56,9 @@ class HeadCounts:
     def add(self, hidden: torch.Tensor, targets: torch.Tensor, unembed, chunk_size: int) -> None:
         """Score states `hidden` (B, S, H) against `targets` (B, S), skipping ignored targets, chunk by chunk."""
         rows, positions = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-        selected, wanted = hidden[rows, positions], targets[rows, positions]  # (N, H), (N,)
-        for start in range(0, wanted.shape[0], chunk_size):
-            chunk_targets = wanted[start : start + chunk_size]
+        selected, valid_targets = hidden[rows, positions], targets[rows, positions]  # (N, H), (N,)
+        for start in range(0, valid_targets.shape[0], chunk_size):
+            chunk_targets = valid_targets[start : start + chunk_size]
             logits = unembed(selected[start : start + chunk_size]).float()  # (n, V)
             self.loss_sum += F.cross_entropy(logits, chunk_targets, reduction="sum").item()
             self.top1 += (logits.argmax(dim=-1) == chunk_targets).sum().item()

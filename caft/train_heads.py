@@ -45,7 +45,7 @@ class SaveHeadsEachEpoch(TrainerCallback):
 
 
 def heads_readme(config: TrainConfig, metrics: dict, steps: int, metrics_before: dict | None = None, data_stats=()) -> str:
-    """A short model card for a heads folder: base model, data, steps and per-head accuracy before and after."""
+    """Build the model card text of a heads folder: base model, data, steps and per-head accuracy before and after."""
     rows = "; ".join(f"{name}: {stats.summary()}" for name, stats in zip(("train", "held-out"), data_stats) if stats)
     lines = [
         "# CAFT auxiliary heads",

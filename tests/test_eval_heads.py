@@ -132,3 +132,22 @@ def test_command_writes_json_and_chart(tiny_model_dir, model_with_heads, tmp_pat
     assert [entry["head"] for entry in report["heads_results"]] == [0, 1, 2, 3]
     assert (tmp_path / "heads" / "eval" / "eval_heads.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "top-5" in result.stdout
+
+
+def test_heads_readme_lists_before_and_after():
+    from caft.config import TrainConfig
+    from caft.data import DataStats
+    from caft.train_heads import heads_readme
+
+    config = TrainConfig(train_set="distilled_train.jsonl", eval_set="distilled_eval.jsonl", caft_num_heads=2,
+                         model_max_length=384, epochs=2, learning_rate=1e-3)
+    after = {"eval_loss_by_head": [1.0, 2.0, 3.0], "eval_acc_head_0": 0.7, "eval_acc_head_1": 0.5, "eval_acc_head_2": 0.3}
+    before = {"eval_loss_by_head": [1.0, 6.0, 7.0], "eval_acc_head_0": 0.7, "eval_acc_head_1": 0.1, "eval_acc_head_2": 0.05}
+    train_stats = DataStats(rows_read=10, rows_kept=8, skipped={"status is not OK": 2})
+    readme = heads_readme(config, after, 40, before, (train_stats, None))
+    assert "| 1 | 2.0000 | 0.500 | 6.0000 | 0.100 |" in readme
+    assert "| 2 | 3.0000 | 0.300 | 7.0000 | 0.050 |" in readme
+    assert "train: read 10 rows, kept 8, skipped 2 (status is not OK: 2)" in readme
+    assert "max length 384 tokens" in readme
+    assert "40 (2 epoch(s))" in readme
+    assert "| 1 | 2.0000 | 0.500 | - | - |" in heads_readme(config, after, 40)
