@@ -17,7 +17,7 @@ Differences from the original scripts, on purpose:
   instead of overwriting `./outputs` (`./output_heads`).
 - Reporting: when --report-to is not given, wandb is used if WANDB_TOKEN is set (in the
   environment or `.env`) and the wandb package is installed, as the original did; without the
-  package a warning says so and the run goes on without reporting.
+  package a warning is printed and the run goes on without reporting.
 - The 8-bit AdamW optimizer and bfloat16 weights of the original are used only with a CUDA GPU
   (bitsandbytes needs one, and bfloat16 training on CPUs is slow); elsewhere caft's defaults
   (adamw_torch, float32) apply.
@@ -177,7 +177,8 @@ def build_script_parser(spec: ScriptSpec) -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true", help="Log INFO messages on every process; show tracebacks.")
     parser.add_argument(
         "--api-token", "-t", default=argparse.SUPPRESS,
-        help="Hugging Face token (default: HUGGINGFACE_TOKEN from the environment or .env). Never printed.",
+        help="Hugging Face token (default: HUGGINGFACE_TOKEN from the environment or .env). It is never printed or "
+        "saved, but other users of this machine can see command lines: prefer .env.",
     )
     add_config_arguments(parser)
     for action in parser._actions:
@@ -251,7 +252,7 @@ def _config_file_keys(path: Path) -> set[str]:
 
 
 def _gpu_defaults(given: set[str]) -> list[str]:
-    """The original's bfloat16 weights and 8-bit AdamW, where a CUDA GPU (and bitsandbytes) make them work."""
+    """Return the original's bfloat16 weights and 8-bit AdamW flags where a CUDA GPU (and bitsandbytes) support them."""
     import torch
 
     if not torch.cuda.is_available():
@@ -309,6 +310,8 @@ def run_script(spec: ScriptSpec, script_file: str | Path, argv: list[str] | None
     argv = list(sys.argv[1:] if argv is None else argv)
     load_environment()
     _apply_token(argv)
+    # Trackers record sys.argv (wandb 0.31 stores it in the run's metadata), so the token must leave it.
+    sys.argv = [sys.argv[0], *_without_token(argv)]
     try:
         added, user_arguments = resolve_arguments(spec, argv, repo_root(script_file))
     except ScriptInputError as error:

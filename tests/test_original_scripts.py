@@ -218,7 +218,8 @@ def _free_port() -> int:
 
 
 def test_torchrun_train_hides_tokens(repo_copy, tiny_model_dir):
-    hub_token, wandb_token, flag_token = "hf_fakeTokenFromDotEnv123", "wandbFakeToken456", "hf_fakeTokenFromFlag789"
+    # wandb checks the key's length (40 or more characters) before anything else.
+    hub_token, wandb_token, flag_token = "hf_fakeTokenFromDotEnv123", "wandbFakeToken" + "0" * 30, "hf_fakeTokenFromFlag789"
     workdir = repo_copy.parent / "torchrun-workdir"
     workdir.mkdir()
     (workdir / ".env").write_text(f"HUGGINGFACE_TOKEN={hub_token}\nWANDB_TOKEN={wandb_token}\n")
@@ -232,6 +233,7 @@ def test_torchrun_train_hides_tokens(repo_copy, tiny_model_dir):
     output = result.stdout + result.stderr
     files = [path for path in runs[0].rglob("*") if path.is_file()]
     assert len(files) > 5
+    files += [path for path in (workdir / "wandb").rglob("*") if path.is_file()]
     for token in (hub_token, wandb_token, flag_token):
         assert token not in output
         for path in files:
@@ -241,6 +243,9 @@ def test_torchrun_train_hides_tokens(repo_copy, tiny_model_dir):
     except ImportError:
         assert "WANDB_TOKEN is set but the wandb package is not installed" in result.stderr
         assert _load_config(runs[0])["report_to"] == "none"
+    else:
+        assert _load_config(runs[0])["report_to"] == "wandb"
+        assert (workdir / "wandb").is_dir()
 
 
 def test_torchrun_heads_script_runs_train_heads(repo_copy, tiny_model_dir):
@@ -258,21 +263,30 @@ def test_torchrun_heads_script_runs_train_heads(repo_copy, tiny_model_dir):
     assert heads_config["num_heads"] == 4
 
 
-def test_report_to_wandb_without_package_exits_2(tiny_model_dir, gsm8k_files, tmp_path, capfd):
-    try:
-        import wandb  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("wandb is installed")
+@pytest.mark.parametrize("tracker", ["wandb", "mlflow"])
+def test_report_to_missing_tracker_exits_2(tracker, tiny_model_dir, gsm8k_files, tmp_path, monkeypatch, capfd):
+    monkeypatch.setitem(sys.modules, tracker, None)  # the import system's marker for a module that is not installed
     train, _ = gsm8k_files
     code = cli.main(["train", "-model", str(tiny_model_dir), "-ts", str(train), "--prompt-field", "question",
-                     "--response-field", "answer", "--report-to", "wandb", "--output-dir", str(tmp_path / "run")])
+                     "--response-field", "answer", "--report-to", tracker, "--output-dir", str(tmp_path / "run")])
     assert code == 2
     err = capfd.readouterr().err
-    assert "--report-to wandb needs the wandb package" in err
-    assert "pip install wandb" in err
+    assert f"--report-to {tracker} needs the {tracker} package" in err
+    assert f"pip install {tracker}" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_wandb_token_without_package_warns(repo_copy, tiny_model_dir, monkeypatch, capfd):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    monkeypatch.setenv("WANDB_TOKEN", "wandbFakeToken" + "0" * 30)
+    monkeypatch.setenv("WANDB_API_KEY", "wandbFakeToken" + "0" * 30)  # restored after the test, unlike .env loading
+    code, out, err = run_script_in_process("train.py", ["-model", tiny_model_dir, *TINY_RUN, "-ftm", "lora"], monkeypatch, capfd)
+    assert code == 0, err
+    assert "WANDB_TOKEN is set but the wandb package is not installed" in err
+    arguments = equivalent_caft_arguments(err, "scripts/train.py")
+    assert "--report-to" not in arguments
+    assert _load_config(Path(arguments[arguments.index("--output-dir") + 1]))["report_to"] == "none"
+    assert "wandbFakeToken" not in out + err
 
 
 # Published heads ----------------------------------------------------------------------------------
