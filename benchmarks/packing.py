@@ -9,9 +9,9 @@ Both variants fine-tune the same model with LoRA r=8 on all linear layers and 4 
   to its longest row, as `caft train` runs without --packing;
 - `packed`: conversations packed into rows of up to --max-length tokens (caft.packing.pack_rows).
 Each variant times --steps optimizer steps (one micro-batch each, after one warm-up step) on its
-first batches and reports the median step time, in wall-clock seconds and in CPU seconds of the
-process (the steadier figure when other jobs share the CPU). Real tokens are tokens that are not
-padding. Estimated epoch time = steps per epoch x median step time. Ratios are packed / unpacked.
+first batches, and the two variants take turns step by step, so both see the same load from other
+jobs on the machine. The median step time is reported in wall-clock seconds and in CPU seconds of
+the process. Real tokens are tokens that are not padding. Estimated epoch time = steps per epoch x median step time. Ratios are packed / unpacked.
 """
 
 from __future__ import annotations
@@ -55,55 +55,71 @@ def build_model(args):
     return model
 
 
-def time_variant(args, name: str, rows: list[dict], collator) -> dict:
-    """Run warm-up + --steps optimizer steps on the first batches of `rows`; return timings and counts."""
-    import random
+class Variant:
+    """One training setup under test: its batches, model, optimizer and the timings of its steps."""
 
-    if name == "unpacked":
-        rows = list(rows)
-        random.Random(args.seed).shuffle(rows)
-    batches = [rows[start : start + args.batch] for start in range(0, len(rows), args.batch)]
-    if len(batches) < args.steps + 1:
-        raise SystemExit(f"{name}: only {len(batches)} batches; lower --steps or --batch, or raise --size.")
+    def __init__(self, args, name: str, rows: list[dict], collator):
+        import random
 
-    model = build_model(args)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    times, cpu_times, tokens, slots = [], [], 0, 0
-    for step, features in enumerate(batches[: args.steps + 1]):
-        batch = collator(features)
+        if name == "unpacked":
+            rows = list(rows)
+            random.Random(args.seed).shuffle(rows)
+        self.name, self.rows, self.collator = name, rows, collator
+        self.batches = [rows[start : start + args.batch] for start in range(0, len(rows), args.batch)]
+        if len(self.batches) < args.steps + 1:
+            raise SystemExit(f"{name}: only {len(self.batches)} batches; lower --steps or --batch, or raise --size.")
+        self.model = build_model(args)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+        self.times, self.cpu_times, self.tokens, self.slots = [], [], 0, 0
+
+    def step(self, index: int, timed: bool) -> None:
+        """Run one optimizer step on batch `index`, and record it when `timed`."""
+        features = self.batches[index]
+        batch = self.collator(features)
         start, cpu_start = time.perf_counter(), time.process_time()
-        loss = model(**batch).loss
+        loss = self.model(**batch).loss
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         elapsed, cpu_elapsed = time.perf_counter() - start, time.process_time() - cpu_start
-        if step == 0:
-            continue  # the first step warms up allocators and caches
-        times.append(elapsed)
-        cpu_times.append(cpu_elapsed)
-        tokens += sum(len(row["input_ids"]) for row in features)
-        slots += batch["input_ids"].numel()
-        shape = tuple(batch["input_ids"].shape)
-        print(f"{name} step {step}: {elapsed:.2f} s wall, {cpu_elapsed:.2f} s CPU, {shape[0]} x {shape[1]} tokens", flush=True)
+        if not timed:
+            return
+        self.times.append(elapsed)
+        self.cpu_times.append(cpu_elapsed)
+        self.tokens += sum(len(row["input_ids"]) for row in features)
+        self.slots += batch["input_ids"].numel()
+        rows, width = batch["input_ids"].shape
+        print(f"{self.name} step {index}: {elapsed:.2f} s wall, {cpu_elapsed:.2f} s CPU, {rows} x {width} tokens", flush=True)
 
-    median = statistics.median(times)
-    cpu_median = statistics.median(cpu_times)
-    return {
-        "variant": name,
-        "rows": len(rows),
-        "steps_per_epoch": len(batches),
-        "median_step_s": round(median, 3),
-        "median_step_cpu_s": round(cpu_median, 3),
-        "real_tokens_per_s": round(tokens / sum(times), 1),
-        "real_tokens_per_cpu_s": round(tokens / sum(cpu_times), 1),
-        "padding_fraction": round(1 - tokens / slots, 4),
-        "estimated_epoch_s": round(len(batches) * median, 1),
-        "estimated_epoch_cpu_s": round(len(batches) * cpu_median, 1),
-    }
+    def result(self) -> dict:
+        median = statistics.median(self.times)
+        cpu_median = statistics.median(self.cpu_times)
+        return {
+            "variant": self.name,
+            "rows": len(self.rows),
+            "steps_per_epoch": len(self.batches),
+            "median_step_s": round(median, 3),
+            "median_step_cpu_s": round(cpu_median, 3),
+            "real_tokens_per_s": round(self.tokens / sum(self.times), 1),
+            "real_tokens_per_cpu_s": round(self.tokens / sum(self.cpu_times), 1),
+            "padding_fraction": round(1 - self.tokens / self.slots, 4),
+            "estimated_epoch_s": round(len(self.batches) * median, 1),
+            "estimated_epoch_cpu_s": round(len(self.batches) * cpu_median, 1),
+        }
+
+
+def run_interleaved(variants: list[Variant], steps: int) -> None:
+    """Warm up each variant with one step, then alternate their timed steps so both see the same machine load."""
+    for variant in variants:
+        variant.step(0, timed=False)  # the first step warms up allocators and caches
+    for index in range(1, steps + 1):
+        for variant in variants:
+            variant.step(index, timed=True)
 
 
 def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else the platform's machine type."""
+    """Return the CPU model name from /proc/cpuinfo (Linux), else the machine type."""
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
@@ -135,7 +151,9 @@ def main() -> None:
     packed, stats = pack_rows(rows, args.max_length, seed=args.seed)
     print(f"{len(rows)} conversations; packed: {stats.summary()}", flush=True)
     collator = make_collator(tokenizer)
-    results = [time_variant(args, "unpacked", rows, collator), time_variant(args, "packed", packed, collator)]
+    variants = [Variant(args, "unpacked", rows, collator), Variant(args, "packed", packed, collator)]
+    run_interleaved(variants, args.steps)
+    results = [variant.result() for variant in variants]
     baseline, packed_result = results
     ratios = {
         "tokens_per_s": round(packed_result["real_tokens_per_s"] / baseline["real_tokens_per_s"], 2),
