@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=3e-4, help="LoRA learning rate (default: %(default)s).")
     parser.add_argument("--batch-size", type=int, default=4, help="Rows per optimizer step (default: %(default)s).")
     parser.add_argument("--heads-epochs", type=float, default=2.0, help="Epochs of `caft train-heads` (default: %(default)s).")
-    parser.add_argument("--heads-learning-rate", type=float, default=1e-3, help="(default: %(default)s)")
+    parser.add_argument("--heads-learning-rate", type=float, default=1e-3, help="Learning rate of `caft train-heads` (default: %(default)s).")
     parser.add_argument("--heads-dir", default=None, help="Use these trained heads for every task instead of training them.")
     parser.add_argument(
         "--metrics", nargs="+", default=None, choices=("gsm8k", "mbpp", "humaneval", "loss"),
@@ -242,10 +242,12 @@ def _mean_spread(values: list[float], signed: bool = False) -> str:
     if not values:
         return "-"
     mean = statistics.fmean(values)
-    text = f"{mean:+.4f}" if signed else f"{mean:.4f}"
+    # Differences get one more decimal: on held-out loss they are often below 1e-4.
+    decimals = 5 if signed else 4
+    text = f"{mean:+.{decimals}f}" if signed else f"{mean:.{decimals}f}"
     if len(values) == 1:
         return text
-    return f"{text} ± {statistics.stdev(values):.4f}"
+    return f"{text} ± {statistics.stdev(values):.{decimals}f}"
 
 
 def _paired_differences(by_mode: dict) -> list[float]:
@@ -258,15 +260,21 @@ def task_block(args, task: str, collected: dict, plot_name: str | None) -> str:
     """Markdown of one task: the settings, a table of mean ± sample std over seeds and the per-seed values."""
     lines = [f"### {task.upper()}", ""]
     config = _run_config(args.work_dir / task)
+    generated = [name for name, *_ in TASK_METRICS[task] if name != "loss" and name in collected["settings"]]
+    generation_note = " No generation metric was run."
+    if generated:
+        max_new_tokens = collected["settings"][generated[0]].get("max_new_tokens")
+        generation_note = f" Greedy decoding, at most {max_new_tokens} new tokens."
     if config:
         lines.append(
             f"Model `{config['model_name_or_path']}`, {config['train_rows']} training rows, {config['epochs']:g} epoch, "
             f"LoRA r {config['lora_r']}, learning rate {config['learning_rate']:g}, micro-batch {config['per_device_batch_size']}, "
             f"max length {config['model_max_length']}; CAFT: {config['caft_num_heads']} heads, beta {config['caft_heads_coefficient']:g}, "
             f"gamma {config['caft_decay_coefficient']:g}, schedule {config['caft_scheduler']}, -ft-heads, heads from `caft train-heads` "
-            "on the same training rows. Greedy decoding."
+            f"on the same training rows.{generation_note}"
         )
         lines.append("")
+
     header = "| metric | examples | base model | " + " | ".join(MODE_LABELS[mode] for mode in MODES) + " | CAFT − next-token | seeds |"
     lines += [header, "|---|---|---|---|---|---|---|"]
     for eval_task, metric, label, higher in TASK_METRICS[task]:
@@ -283,6 +291,7 @@ def task_block(args, task: str, collected: dict, plot_name: str | None) -> str:
         lines.append(
             f"| {label} ({arrow}) | {examples} | {base_cell} | {cells[0]} | {cells[1]} | {difference} | {', '.join(map(str, seeds))} |"
         )
+
     lines += ["", "Per seed (next-token / CAFT):", ""]
     for eval_task, metric, label, _higher in TASK_METRICS[task]:
         by_mode = collected["values"].get((eval_task, metric), {})
