@@ -15,6 +15,7 @@ blocks of 1..n+1 tokens at a typical context length, which is the verification c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -33,6 +34,7 @@ from caft.generate import (  # noqa: E402
     encode_prompt,
     load_heads_for,
     load_model_for_generation,
+    prepacked_linears,
     speculative_generate,
 )
 
@@ -53,6 +55,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--recompute-questions", type=int, default=0,
         help="Also run the first N questions with --no-head-cache (heads recompute their keys and values).",
+    )
+    parser.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16"), help="Weight dtype of model and heads (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--kernels", default="both", choices=("default", "prepacked", "both"),
+        help="Linear kernels of the speculative runs: PyTorch's default, oneDNN with prepacked weights "
+        "(caft.generate.prepacked_linears, which also gets a plain-generate baseline), or both (default: %(default)s).",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice).")
     parser.add_argument("--json-out", help="Write all measurements to this JSON file.")
@@ -130,83 +140,126 @@ def time_block_forwards(model, prompt: list[int], context: int, max_block: int, 
     return timings
 
 
+@dataclass
+class Method:
+    """One way of decoding: plain `model.generate` or speculative decoding, with default or prepacked linears."""
+
+    name: str
+    num_draft: int | None = None
+    """None for plain `model.generate`."""
+    prepacked: bool = False
+    head_cache: bool = True
+    count: int = 0
+    """Questions to run (the first ones)."""
+
+
+def build_methods(args, num_heads: int, count: int) -> list[Method]:
+    num_drafts = args.num_draft or [num_heads]
+    methods = []
+    for prepacked in (False, True) if args.kernels == "both" else (args.kernels == "prepacked",):
+        suffix = ", prepacked linears" if prepacked else ""
+        if prepacked:
+            methods.append(Method(f"plain generate{suffix}", prepacked=True, count=count))
+        for num_draft in num_drafts:
+            methods.append(Method(f"speculative, {num_draft} drafts{suffix}", num_draft, prepacked, count=count))
+    if args.recompute_questions:
+        last = methods[-1]
+        methods.append(Method(f"{last.name}, no head cache", last.num_draft, last.prepacked, False, args.recompute_questions))
+    return methods
+
+
+def run_method(method: Method, model, heads, prompt: list[int], max_new_tokens: int, eos):
+    """Decode one prompt; return (tokens, speculative stats or None, wall seconds, CPU seconds)."""
+    with prepacked_linears(model, heads) if method.prepacked else contextlib.nullcontext():
+        if method.num_draft is None:
+            tokens, wall, cpu = timed(plain_greedy, model, torch.tensor([prompt]), max_new_tokens, eos)
+            return tokens, None, wall, cpu
+        result, wall, cpu = timed(
+            speculative_generate, model, heads, prompt, max_new_tokens=max_new_tokens, num_draft=method.num_draft,
+            head_cache=method.head_cache,
+        )
+        return result.tokens, result.stats, wall, cpu
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer, _ = load_model_for_generation(args.model)
+    model, tokenizer, _ = load_model_for_generation(args.model, args.dtype)
     heads = load_heads_for(model, args.heads)
-    num_drafts = args.num_draft or [len(heads)]
     eos = model.generation_config.eos_token_id
     questions = read_questions(args.data, args.questions)
     prompts = [encode_prompt(tokenizer, question) for question in questions]
+    methods = build_methods(args, len(heads), len(prompts))
     print(f"{len(prompts)} questions from {args.data}; model {args.model}; heads {args.heads} ({heads.config.num_heads} x "
-          f"{heads.config.arch}); max_new_tokens {args.max_new_tokens}; batch size 1; torch threads {torch.get_num_threads()}; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
+          f"{heads.config.arch}); {args.dtype}; max_new_tokens {args.max_new_tokens}; batch size 1; torch threads "
+          f"{torch.get_num_threads()}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+          f"load average {os.getloadavg()[0]:.1f}")
 
     # Warm-up (not timed): first calls allocate and pick kernels.
-    plain_greedy(model, torch.tensor([prompts[0]]), 16, eos)
-    speculative_generate(model, heads, prompts[0], max_new_tokens=16)
+    for method in methods:
+        run_method(method, model, heads, prompts[0], 16, eos)
 
-    methods = {f"speculative, {n} drafts": dict(num_draft=n, head_cache=True, count=len(prompts)) for n in num_drafts}
-    if args.recompute_questions:
-        methods[f"speculative, {num_drafts[0]} drafts, no head cache"] = dict(
-            num_draft=num_drafts[0], head_cache=False, count=args.recompute_questions
-        )
     plain = Tally()
-    tallies = {name: Tally() for name in methods}
-    totals = {name: SpeculativeStats() for name in methods}
-    mismatches = {name: [] for name in methods}
+    tallies = {method.name: Tally() for method in methods}
+    totals = {method.name: SpeculativeStats() for method in methods}
+    mismatches = {method.name: [] for method in methods}
     for index, prompt in enumerate(prompts):
-        expected, wall, cpu = timed(plain_greedy, model, torch.tensor([prompt]), args.max_new_tokens, eos)
+        expected, _, wall, cpu = run_method(Method("plain generate"), model, heads, prompt, args.max_new_tokens, eos)
         plain.tokens, plain.wall_s, plain.cpu_s = plain.tokens + len(expected), plain.wall_s + wall, plain.cpu_s + cpu
-        for name, method in methods.items():
-            if index >= method["count"]:
+        for method in methods:
+            if index >= method.count:
                 continue
-            result, method_wall, method_cpu = timed(
-                speculative_generate, model, heads, prompt, max_new_tokens=args.max_new_tokens,
-                num_draft=method["num_draft"], head_cache=method["head_cache"],
-            )
-            totals[name] = totals[name].merge(result.stats)
-            tally = tallies[name]
-            tally.tokens += len(result.tokens)
+            tokens, stats, method_wall, method_cpu = run_method(method, model, heads, prompt, args.max_new_tokens, eos)
+            if stats is not None:
+                totals[method.name] = totals[method.name].merge(stats)
+            tally = tallies[method.name]
+            tally.tokens += len(tokens)
             tally.wall_s += method_wall
             tally.cpu_s += method_cpu
             tally.plain_tokens += len(expected)
             tally.plain_wall_s += wall
             tally.plain_cpu_s += cpu
-            position = first_difference(result.tokens, expected)
+            position = first_difference(tokens, expected)
             if position is not None:
-                mismatches[name].append((index, position))
+                mismatches[method.name].append((index, position))
         print(f"question {index + 1}/{len(prompts)}: {len(expected)} tokens, plain {len(expected) / wall:.1f} tokens/s, "
               f"load average {os.getloadavg()[0]:.1f}", flush=True)
 
-    print(f"\nplain model.generate: {plain.tokens} tokens in {plain.wall_s:.1f} s = {plain.tokens / plain.wall_s:.2f} tokens/s "
+    print(f"\nplain generate: {plain.tokens} tokens in {plain.wall_s:.1f} s = {plain.tokens / plain.wall_s:.2f} tokens/s "
           f"({plain.tokens / plain.cpu_s:.2f} tokens per CPU second)")
-    results = {"plain": asdict(plain), "methods": {}}
-    for name, stats in totals.items():
-        tally = tallies[name]
+    results = {"settings": vars(args), "plain": asdict(plain), "methods": {}}
+    for method in methods:
+        tally, stats = tallies[method.name], totals[method.name]
         wall_ratio, cpu_ratio = tally.ratios()
-        identical = "identical" if not mismatches[name] else f"DIFFERENT in {len(mismatches[name])} answers {mismatches[name]}"
-        print(f"{name}: {tally.tokens / tally.wall_s:.2f} tokens/s, {wall_ratio:.2f}x plain wall-clock and {cpu_ratio:.2f}x "
-              f"plain CPU time on the same {stats.prompts} questions; outputs {identical}")
-        print(f"    {stats.summary()}")
-        results["methods"][name] = {
-            **asdict(tally), "wall_ratio": wall_ratio, "cpu_ratio": cpu_ratio, "tokens_per_forward": stats.tokens_per_forward,
-            "acceptance_by_head": stats.acceptance_by_head(), "mismatches": mismatches[name], "prefill_s": stats.prefill_s,
-            "verify_s": stats.verify_s, "heads_s": stats.heads_s, "steps": stats.steps,
-        }
+        found = mismatches[method.name]
+        identical = "identical" if not found else f"DIFFERENT in {len(found)} answers (question, first token): {found}"
+        print(f"{method.name}: {tally.tokens / tally.wall_s:.2f} tokens/s, {wall_ratio:.2f}x plain wall-clock and "
+              f"{cpu_ratio:.2f}x plain CPU time on the same {method.count} questions; outputs {identical}")
+        results["methods"][method.name] = {**asdict(tally), "wall_ratio": wall_ratio, "cpu_ratio": cpu_ratio, "mismatches": found}
+        if method.num_draft is not None:
+            print(f"    {stats.summary()}")
+            results["methods"][method.name].update(
+                tokens_per_forward=stats.tokens_per_forward, acceptance_by_head=stats.acceptance_by_head(),
+                prefill_s=stats.prefill_s, verify_s=stats.verify_s, heads_s=stats.heads_s, steps=stats.steps,
+            )
 
     context = len(prompts[0]) + 150
-    timings = time_block_forwards(model, prompts[0], context, max(num_drafts) + 1)
-    print(f"\none cached forward after {context} tokens, by block size: " + ", ".join(
-        f"{size}: {seconds * 1000:.1f} ms ({seconds / timings[1]:.2f}x)" for size, seconds in timings.items()
-    ))
-    for name, stats in totals.items():
-        drafts = stats.steps + stats.prompts  # the heads run once after the prefill and once per step
-        print(f"{name}: {stats.verify_s / max(stats.steps, 1) * 1000:.1f} ms verification and "
-              f"{stats.heads_s / max(drafts, 1) * 1000:.1f} ms drafting per step")
-    results["timings"] = timings
+    max_block = max(method.num_draft or 0 for method in methods) + 1
+    for prepacked in sorted({method.prepacked for method in methods}):
+        with prepacked_linears(model, heads) if prepacked else contextlib.nullcontext():
+            timings = time_block_forwards(model, prompts[0], context, max_block)
+        label = "prepacked" if prepacked else "default"
+        print(f"\none cached forward after {context} tokens, {label} linears, by block size: " + ", ".join(
+            f"{size}: {seconds * 1000:.1f} ms ({seconds / timings[1]:.2f}x)" for size, seconds in timings.items()
+        ))
+        results[f"forward_seconds_by_block_{label}"] = timings
+    for method in methods:
+        stats = totals[method.name]
+        if method.num_draft is not None:
+            drafts = stats.steps + stats.prompts  # the heads run once after the prefill and once per step
+            print(f"{method.name}: {stats.verify_s / max(stats.steps, 1) * 1000:.1f} ms verification and "
+                  f"{stats.heads_s / max(drafts, 1) * 1000:.1f} ms drafting per step")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2) + "\n")
     return 0

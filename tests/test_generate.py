@@ -22,6 +22,7 @@ from caft.generate import (
     _verify,
     encode_prompt,
     load_heads_for,
+    prepacked_linears,
     speculative_generate,
     SpeculativeStats,
 )
@@ -94,6 +95,35 @@ def test_greedy_equals_generate(kind, variant, head_cache):
     assert result.tokens == expected
     assert result.stats.new_tokens == 24
     assert result.stats.reached[0] == result.stats.steps
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+def test_prepacked_linears_match_default():
+    """oneDNN prepacked linears give the same logits up to float32 rounding, the same greedy tokens, and are undone on exit."""
+    model = tiny_model("llama", vocab_size=128)
+    heads = random_heads(model, **HEAD_VARIANTS["transformer-sibling"])
+    prompt = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = model(prompt).logits
+    expected = greedy_reference(model, prompt, 20)
+    linears = [layer for layer in [*model.modules(), *heads.modules()] if type(layer) is torch.nn.Linear]
+
+    with prepacked_linears(model, heads) as count:
+        assert count == len(linears) > 0
+        with torch.no_grad():
+            packed_logits = model(prompt).logits
+        result = speculative_generate(model, heads, prompt, max_new_tokens=20, eos_token_id=[])
+
+    torch.testing.assert_close(packed_logits, logits, rtol=1e-4, atol=1e-4)
+    assert result.tokens == expected
+    assert all("forward" not in layer.__dict__ for layer in linears)
+    assert not any(hasattr(layer, "_caft_packed_weight") for layer in linears)
+
+
+def test_prepacked_linears_skip_other_dtypes():
+    model = tiny_model("llama").to(torch.bfloat16)
+    with prepacked_linears(model) as count:
+        assert count == 0
 
 
 def test_greedy_exercises_accept_and_reject():
