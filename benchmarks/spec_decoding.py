@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from caft.assets import shared_data_dir  # noqa: E402
 from caft.generate import (  # noqa: E402
     SpeculativeStats,
     encode_prompt,
@@ -38,7 +39,7 @@ from caft.generate import (  # noqa: E402
     speculative_generate,
 )
 
-DEFAULT_QUESTIONS = "/work/shared/data/gsm8k/test.jsonl"
+DEFAULT_QUESTIONS = str(shared_data_dir() / "gsm8k" / "test.jsonl")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

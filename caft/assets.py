@@ -151,3 +151,14 @@ def default_data_paths() -> tuple[Path, Path]:
     if train_path.is_file() and eval_path.is_file():
         return train_path, eval_path
     return write_default_data(out_dir)
+
+
+def shared_data_dir() -> Path:
+    """Return the folder of the GSM8K and MBPP files used by tests, benchmarks and experiments.
+
+    `$CAFT_TEST_DATA_DIR` if set, else `../shared/data` beside the project root, else `/work/shared/data`.
+    """
+    if os.environ.get("CAFT_TEST_DATA_DIR"):
+        return Path(os.environ["CAFT_TEST_DATA_DIR"])
+    beside = Path(__file__).resolve().parents[2] / "shared" / "data"
+    return beside if beside.is_dir() else Path("/work/shared/data")

@@ -88,6 +88,10 @@ class TrainConfig:
     eval_set: str | None = option(None, "--eval-set", "-es", help="Held-out data, .jsonl or .json (default: the embedded HumanEval split).")
     size: int | None = option(None, "--size", "-sz", help="Use at most this many training rows, after a seeded shuffle (default: all).")
     eval_size: int | None = option(None, "--eval-size", "-esz", help="Use at most this many held-out rows (default: all).")
+    eval_fraction: float | None = option(
+        None, "--eval-fraction", "-efrac",
+        help="Hold out this fraction of the training rows (after --size, seeded) as the held-out set, instead of --eval-set.",
+    )
     prompt_field: str | None = option(None, "--prompt-field", help="JSON field holding the prompt, for data in no chat format (e.g. question).")
     response_field: str | None = option(None, "--response-field", help="JSON field holding the reply, for data in no chat format (e.g. answer).")
     system_field: str | None = option(None, "--system-field", help="Optional JSON field holding a system prompt.")
@@ -188,6 +192,11 @@ class TrainConfig:
             (not (self.load_in_8bit and self.load_in_4bit), "choose one of --load-in-8bit and --load-in-4bit"),
             (self.size is None or self.size >= 1, "--size must be at least 1"),
             (self.eval_size is None or self.eval_size >= 1, "--eval-size must be at least 1"),
+            (self.eval_fraction is None or 0 < self.eval_fraction < 1, "--eval-fraction must be between 0 and 1"),
+            (
+                self.eval_fraction is None or (self.eval_set is None and self.train_set is not None),
+                "--eval-fraction splits the --train-set file; give either it or --eval-set, not both",
+            ),
             (
                 not (self.freeze_unembedding and self.finetune_method == "lora"),
                 "--freeze-unembedding applies to -ftm sft; LoRA never trains lm_head",

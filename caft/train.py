@@ -288,6 +288,25 @@ def format_head_metrics(metrics: dict, prefix: str = "eval_") -> str:
 # Pipeline ----------------------------------------------------------------------------------------
 
 
+def split_rows(rows: list, fraction: float, seed: int, source: str) -> tuple[list, list]:
+    """Split `rows` into (train, held-out) with round(fraction * len) held-out rows chosen by a seeded shuffle.
+
+    Both parts keep the input order. Raises ValueError naming `source` when either part would be empty.
+    """
+    import random
+
+    count = round(fraction * len(rows))
+    if count < 1 or count >= len(rows):
+        raise ValueError(
+            f"{source}: --eval-fraction {fraction:g} of {len(rows)} rows leaves an empty training or held-out set; "
+            "use more rows or another fraction"
+        )
+    held_out = set(random.Random(seed).sample(range(len(rows)), count))
+    train = [row for index, row in enumerate(rows) if index not in held_out]
+    evaluation = [row for index, row in enumerate(rows) if index in held_out]
+    return train, evaluation
+
+
 def load_data(config: TrainConfig, tokenizer):
     """Build the tokenized train and held-out rows (the embedded HumanEval split when no file is given)."""
     from .assets import default_data_paths
@@ -306,6 +325,13 @@ def load_data(config: TrainConfig, tokenizer):
         train_source, tokenizer, config.model_max_length, size=config.size, seed=config.seed, **fields
     )
     logger.info("Training data %s: %s", train_source, train_stats.summary())
+    if config.eval_fraction is not None:
+        train_rows, eval_rows = split_rows(train_rows, config.eval_fraction, config.seed, train_source)
+        logger.info(
+            "Held out %d of the %d kept training rows (--eval-fraction %g, seed %d); training on the other %d",
+            len(eval_rows), len(eval_rows) + len(train_rows), config.eval_fraction, config.seed, len(train_rows),
+        )
+        return train_rows, eval_rows, train_stats, None
     eval_rows, eval_stats = [], None
     if eval_source:
         eval_rows, eval_stats = build_dataset(

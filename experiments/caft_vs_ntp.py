@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import subprocess
@@ -30,7 +29,11 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("CAFT_SHARED_DATA", "/work/shared/data"))
+sys.path.insert(0, str(REPO_ROOT))
+
+from caft.assets import shared_data_dir  # noqa: E402
+
+SHARED_DATA = shared_data_dir()
 SECTION_TITLE = "## CAFT vs next-token"
 MODES = ("default", "caft")
 MODE_LABELS = {"default": "next-token LoRA", "caft": "CAFT LoRA"}

@@ -8,18 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from caft.assets import shared_data_dir
 
-def _shared_data_dir() -> Path:
-    """The real data sets: $CAFT_TEST_DATA_DIR, else ../shared/data beside the project root, else /work/shared/data."""
-    import os
-
-    if os.environ.get("CAFT_TEST_DATA_DIR"):
-        return Path(os.environ["CAFT_TEST_DATA_DIR"])
-    beside = Path(__file__).resolve().parents[2] / "shared" / "data"
-    return beside if beside.is_dir() else Path("/work/shared/data")
-
-
-SHARED_DATA = _shared_data_dir()
+SHARED_DATA = shared_data_dir()
 
 
 @pytest.fixture(scope="session")

@@ -313,3 +313,48 @@ def test_make_collator_without_pad_or_eos_raises(tokenizer_copy):
     tokenizer_copy.eos_token = None
     with pytest.raises(ValueError, match="neither a pad token nor an eos token"):
         make_collator(tokenizer_copy)
+
+
+def test_eval_fraction_split_is_disjoint_and_seeded(smol_tokenizer, write_jsonl):
+    from caft.config import TrainConfig
+    from caft.train import load_data
+
+    path = write_jsonl([{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(20)])
+    config = TrainConfig(train_set=str(path), eval_fraction=0.25, model_max_length=64, seed=3)
+
+    train, held_out, train_stats, eval_stats = load_data(config, smol_tokenizer)
+    again, held_out_again, _, _ = load_data(config, smol_tokenizer)
+    _, other_held_out, _, _ = load_data(TrainConfig(train_set=str(path), eval_fraction=0.25, model_max_length=64, seed=4), smol_tokenizer)
+
+    assert (len(train), len(held_out)) == (15, 5)
+    assert train_stats.rows_kept == 20
+    assert eval_stats is None
+    train_ids = {tuple(row["input_ids"]) for row in train}
+    held_out_ids = {tuple(row["input_ids"]) for row in held_out}
+    assert len(train_ids | held_out_ids) == 20
+    assert train_ids.isdisjoint(held_out_ids)
+    assert (again, held_out_again) == (train, held_out)
+    assert other_held_out != held_out
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(eval_fraction=1.0), "between 0 and 1"),
+    (dict(eval_fraction=0.1, eval_set="held_out.jsonl"), "either it or --eval-set"),
+    (dict(eval_fraction=0.1, train_set=None), "either it or --eval-set"),
+])
+def test_eval_fraction_invalid_settings(settings, message):
+    from caft.config import TrainConfig
+
+    settings = {"train_set": "train.jsonl", **settings}
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**settings)
+
+
+def test_eval_fraction_too_few_rows(smol_tokenizer, write_jsonl):
+    from caft.config import TrainConfig
+    from caft.train import load_data
+
+    path = write_jsonl([{"prompt": "question", "completion": "answer"}] * 3)
+    config = TrainConfig(train_set=str(path), eval_fraction=0.1, model_max_length=64)
+    with pytest.raises(ValueError, match=r"--eval-fraction 0.1 of 3 rows leaves an empty"):
+        load_data(config, smol_tokenizer)
