@@ -35,8 +35,8 @@ from caft.assets import shared_data_dir  # noqa: E402
 
 SHARED_DATA = shared_data_dir()
 SECTION_TITLE = "## CAFT vs next-token"
-MODES = ("default", "caft")
 MODE_LABELS = {"default": "next-token LoRA", "caft": "CAFT LoRA"}
+SECOND_MODE = "caft-second"
 # Metrics per task: (eval task, metric key, label, higher is better).
 TASK_METRICS = {
     "gsm8k": [("gsm8k", "exact_match", "GSM8K exact match", True), ("loss", "loss", "held-out answer loss", False)],
@@ -64,6 +64,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--heads-epochs", type=float, default=2.0, help="Epochs of `caft train-heads` (default: %(default)s).")
     parser.add_argument("--heads-learning-rate", type=float, default=1e-3, help="Learning rate of `caft train-heads` (default: %(default)s).")
     parser.add_argument("--heads-dir", default=None, help="Use these trained heads for every task instead of training them.")
+    parser.add_argument(
+        "--second-heads", default=None,
+        help="Also run CAFT LoRA with these heads (for example heads trained on self-distilled data), as another column.",
+    )
+    parser.add_argument(
+        "--second-heads-label", default="CAFT LoRA, second heads", help="Column label of --second-heads (default: %(default)s)."
+    )
     parser.add_argument(
         "--metrics", nargs="+", default=None, choices=("gsm8k", "mbpp", "humaneval", "loss"),
         help="Evaluations to run (default: all of each task's; `--metrics loss` skips generation, the costly part).",
@@ -161,12 +168,12 @@ def train_run(args, mode: str, seed: int, files: dict[str, Path], heads: Path | 
     if (run_dir / "adapter_config.json").is_file() and (run_dir / "metrics.json").is_file():
         return
     arguments = [
-        "train", "-model", args.model, "-ts", str(files["train"]), "-ftm", "lora", "--mode", mode,
+        "train", "-model", args.model, "-ts", str(files["train"]), "-ftm", "lora", "--mode", "default" if mode == "default" else "caft",
         "-maxlen", str(args.max_length), "-e", str(args.epochs), "-lr", str(args.learning_rate),
         "-micro-bs", str(args.batch_size), "--seed", str(seed), "--logging-steps", "4",
         "--output-dir", str(run_dir), "--overwrite-output-dir",
     ]
-    if mode == "caft":
+    if mode != "default":
         arguments += ["-ft-heads", "-hdir", str(heads)]
     run_caft(arguments, log)
 
@@ -192,6 +199,15 @@ def selected_evaluations(args, task: str) -> list[str]:
     return [name for name in evaluations if args.metrics is None or name in args.metrics]
 
 
+def experiment_modes(args) -> list[str]:
+    """Return the run modes: next-token, CAFT, and CAFT with --second-heads when given."""
+    return ["default", "caft", SECOND_MODE] if args.second_heads else ["default", "caft"]
+
+
+def mode_label(args, mode: str) -> str:
+    return args.second_heads_label if mode == SECOND_MODE else MODE_LABELS[mode]
+
+
 def run_experiment(args) -> None:
     tasks = {}
     for task in args.tasks:
@@ -205,9 +221,10 @@ def run_experiment(args) -> None:
             if heads is None:
                 heads = train_heads(args, task, files, task_dir)
                 tasks[task] = (task_dir, files, heads)
-            for mode in MODES:
+            for mode in experiment_modes(args):
                 run_dir = task_dir / f"{mode}-seed{seed}"
-                train_run(args, mode, seed, files, heads, run_dir, task_dir / "logs" / f"train-{mode}-seed{seed}.log")
+                mode_heads = Path(args.second_heads) if mode == SECOND_MODE else heads
+                train_run(args, mode, seed, files, mode_heads, run_dir, task_dir / "logs" / f"train-{mode}-seed{seed}.log")
                 for eval_task in selected_evaluations(args, task):
                     eval_run(args, run_dir, eval_task, files, task_dir / "logs" / f"eval-{eval_task}-{mode}-seed{seed}.log")
             write_report(args)
@@ -221,14 +238,14 @@ def run_experiment(args) -> None:
 # Report -------------------------------------------------------------------------------------------
 
 
-def collect(work_dir: Path, task: str) -> dict:
+def collect(work_dir: Path, task: str, modes: list[str]) -> dict:
     """Read every finished evaluation: {(eval task, metric): {mode: {seed: value}}} plus the run settings."""
     values: dict = {}
     base_values: dict = {}
     settings: dict = {}
     for eval_task, metric, _label, _higher in TASK_METRICS[task]:
         by_mode = values.setdefault((eval_task, metric), {})
-        for mode in MODES:
+        for mode in modes:
             for results in sorted((work_dir / task).glob(f"{mode}-seed*/eval/{eval_task}/eval_results.json")):
                 seed = int(results.parents[2].name.rsplit("seed", 1)[1])
                 loaded = json.loads(results.read_text())
@@ -253,14 +270,20 @@ def _mean_spread(values: list[float], signed: bool = False) -> str:
     return f"{text} ± {statistics.stdev(values):.{decimals}f}"
 
 
-def _paired_differences(by_mode: dict) -> list[float]:
-    """CAFT minus next-token, per seed that has both."""
-    seeds = sorted(set(by_mode.get("default", {})) & set(by_mode.get("caft", {})))
-    return [by_mode["caft"][seed] - by_mode["default"][seed] for seed in seeds]
+def _value_or_dash(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _paired_differences(by_mode: dict, mode: str = "caft") -> list[float]:
+    """MODE minus next-token, per seed that has both."""
+    seeds = sorted(set(by_mode.get("default", {})) & set(by_mode.get(mode, {})))
+    return [by_mode[mode][seed] - by_mode["default"][seed] for seed in seeds]
 
 
 def task_block(args, task: str, collected: dict, plot_name: str | None) -> str:
     """Markdown of one task: the settings, a table of mean ± sample std over seeds and the per-seed values."""
+    modes = experiment_modes(args)
+    caft_modes = modes[1:]
     lines = [f"### {task.upper()}", ""]
     config = _run_config(args.work_dir / task)
     generated = [name for name, *_ in TASK_METRICS[task] if name != "loss" and name in collected["settings"]]
@@ -269,40 +292,42 @@ def task_block(args, task: str, collected: dict, plot_name: str | None) -> str:
         max_new_tokens = collected["settings"][generated[0]].get("max_new_tokens")
         generation_note = f" Greedy decoding, at most {max_new_tokens} new tokens."
     if config:
+        heads_note = f"heads from `{args.heads_dir}`" if args.heads_dir else "heads from `caft train-heads` on the same training rows"
+        if args.second_heads:
+            heads_note += f"; {args.second_heads_label}: heads from `{args.second_heads}`"
         lines.append(
             f"Model `{config['model_name_or_path']}`, {config['train_rows']} training rows, {config['epochs']:g} epoch, "
             f"LoRA r {config['lora_r']}, learning rate {config['learning_rate']:g}, micro-batch {config['per_device_batch_size']}, "
             f"max length {config['model_max_length']}; CAFT: {config['caft_num_heads']} heads, beta {config['caft_heads_coefficient']:g}, "
-            f"gamma {config['caft_decay_coefficient']:g}, schedule {config['caft_scheduler']}, -ft-heads, heads from `caft train-heads` "
-            f"on the same training rows.{generation_note}"
+            f"gamma {config['caft_decay_coefficient']:g}, schedule {config['caft_scheduler']}, -ft-heads, {heads_note}.{generation_note}"
         )
         lines.append("")
 
-    header = "| metric | examples | base model | " + " | ".join(MODE_LABELS[mode] for mode in MODES) + " | CAFT − next-token | seeds |"
-    lines += [header, "|---|---|---|---|---|---|---|"]
+    differences = [f"{mode_label(args, mode)} − next-token" for mode in caft_modes]
+    columns = ["metric", "examples", "base model", *(mode_label(args, mode) for mode in modes), *differences, "seeds"]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for eval_task, metric, label, higher in TASK_METRICS[task]:
         by_mode = collected["values"].get((eval_task, metric), {})
         if not any(by_mode.values()):
             continue
-        seeds = sorted(set().union(*(by_mode.get(mode, {}).keys() for mode in MODES)))
+        seeds = sorted(set().union(*(by_mode.get(mode, {}).keys() for mode in modes)))
         examples = collected["settings"].get(eval_task, {}).get("examples", "-")
         base = collected["base"].get((eval_task, metric))
-        cells = [_mean_spread(list(by_mode.get(mode, {}).values())) for mode in MODES]
-        difference = _mean_spread(_paired_differences(by_mode), signed=True)
+        cells = [_mean_spread(list(by_mode.get(mode, {}).values())) for mode in modes]
+        cells += [_mean_spread(_paired_differences(by_mode, mode), signed=True) for mode in caft_modes]
         arrow = "higher is better" if higher else "lower is better"
         base_cell = "-" if base is None else f"{base:.4f}"
-        lines.append(
-            f"| {label} ({arrow}) | {examples} | {base_cell} | {cells[0]} | {cells[1]} | {difference} | {', '.join(map(str, seeds))} |"
-        )
+        row = [f"{label} ({arrow})", str(examples), base_cell, *cells, ", ".join(map(str, seeds))]
+        lines.append("| " + " | ".join(row) + " |")
 
-    lines += ["", "Per seed (next-token / CAFT):", ""]
+    lines += ["", f"Per seed ({' / '.join(mode_label(args, mode) for mode in modes)}):", ""]
     for eval_task, metric, label, _higher in TASK_METRICS[task]:
         by_mode = collected["values"].get((eval_task, metric), {})
         if not any(by_mode.values()):
             continue
-        seeds = sorted(set(by_mode.get("default", {})) & set(by_mode.get("caft", {})))
-        pairs = [f"seed {seed}: {by_mode['default'][seed]:.4f} / {by_mode['caft'][seed]:.4f}" for seed in seeds]
-        lines.append(f"- {label}: " + ("; ".join(pairs) if pairs else "no finished pair"))
+        seeds = sorted(set().union(*(by_mode.get(mode, {}).keys() for mode in modes)))
+        groups = [f"seed {seed}: " + " / ".join(_value_or_dash(by_mode.get(mode, {}).get(seed)) for mode in modes) for seed in seeds]
+        lines.append(f"- {label}: " + "; ".join(groups))
     if plot_name:
         lines += ["", f"![{task} CAFT vs next-token](img/{plot_name})"]
     return "\n".join(lines)
@@ -319,7 +344,7 @@ def _run_config(task_dir: Path) -> dict | None:
     return None
 
 
-def plot_task(task: str, collected: dict, out_path: Path) -> bool:
+def plot_task(args, task: str, collected: dict, out_path: Path) -> bool:
     """Draw one panel per metric: a bar per mode at the seed mean, a dot per seed. Return False without matplotlib."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -330,22 +355,23 @@ def plot_task(task: str, collected: dict, out_path: Path) -> bool:
     metrics = [item for item in TASK_METRICS[task] if any(collected["values"].get(tuple(item[:2]), {}).values())]
     figure = Figure(figsize=(3.6 * len(metrics), 3.4))
     FigureCanvasAgg(figure)
-    labels = ["base model", *(MODE_LABELS[mode] for mode in MODES)]
+    modes = experiment_modes(args)
+    labels = ["base model", *(mode_label(args, mode) for mode in modes)]
     for index, (eval_task, metric, label, higher) in enumerate(metrics):
         axes = figure.add_subplot(1, len(metrics), index + 1)
         by_mode = collected["values"].get((eval_task, metric), {})
         base = collected["base"].get((eval_task, metric))
         if base is not None:
             axes.bar(0, base, color="lightgray", hatch="//", edgecolor="gray")
-        for position, mode in enumerate(MODES, start=1):
+        for position, mode in enumerate(modes, start=1):
             seed_values = list(by_mode.get(mode, {}).values())
             if seed_values:
-                axes.bar(position, statistics.fmean(seed_values), color=("tab:gray", "tab:blue")[position - 1], alpha=0.6)
+                axes.bar(position, statistics.fmean(seed_values), color=("tab:gray", "tab:blue", "tab:green")[position - 1], alpha=0.6)
                 axes.scatter([position] * len(seed_values), seed_values, color="black", s=12, zorder=3)
         axes.set_xticks(range(len(labels)), labels, fontsize=7)
         if not higher:
             # Start the loss axis near the values, so that small differences stay visible.
-            shown = [value for value in [base, *(v for mode in MODES for v in by_mode.get(mode, {}).values())] if value is not None]
+            shown = [value for value in [base, *(v for mode in modes for v in by_mode.get(mode, {}).values())] if value is not None]
             axes.set_ylim(min(shown) * 0.98, max(shown) * 1.01)
         axes.set_title(f"{label}\n({'higher' if higher else 'lower'} is better)", fontsize=9)
     figure.tight_layout()
@@ -359,11 +385,11 @@ def write_report(args) -> None:
     results_path = args.docs / "results.md"
     text = results_path.read_text(encoding="utf-8") if results_path.is_file() else "# Results\n"
     for task in args.tasks:
-        collected = collect(args.work_dir, task)
+        collected = collect(args.work_dir, task, experiment_modes(args))
         if not any(collected["values"].values()):
             continue
         plot_name = f"caft_vs_ntp_{task}.png"
-        if not plot_task(task, collected, args.docs / "img" / plot_name):
+        if not plot_task(args, task, collected, args.docs / "img" / plot_name):
             plot_name = None
         block = task_block(args, task, collected, plot_name)
         text = replace_block(text, task, block)
