@@ -65,7 +65,10 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, *, c
         prompt_ids = _tokenize_extension(tokenizer, chat_template, rendered, prompt, index)
         turn_ids = _tokenize_extension(tokenizer, chat_template, prompt, turn, index)
         input_ids += prompt_ids + turn_ids
-        labels += [IGNORE_INDEX] * len(prompt_ids) + _label_turn(tokenizer, turn_ids, end_of_turn_ids)
+        turn_labels = _label_turn(tokenizer, turn_ids, end_of_turn_ids)
+        if message.get("open_end"):
+            turn_labels = _unlabel_end_of_turn(turn_labels, end_of_turn_ids)
+        labels += [IGNORE_INDEX] * len(prompt_ids) + turn_labels
         rendered = turn
 
     if _tokenizer_adds_bos(tokenizer) and input_ids[:1] != [tokenizer.bos_token_id]:
@@ -89,17 +92,21 @@ def build_dataset(
     system_field: str | None = None,
     *,
     chat_template: str | None = None,
+    keep_truncated: bool = False,
 ) -> tuple[list[dict], DataStats]:
     """Read `source` (a file path or rows in memory) and tokenize every conversation.
 
     Without `size` the examples keep the order of the source. With `size`, the conversations are
     shuffled with `random.Random(seed)` and the first `size` that keep a label after truncation
-    are returned; the rest count as skipped. Raises DataError when no example is left.
+    are returned; the rest count as skipped. With `keep_truncated`, rows of status "TRUNCATED" are
+    kept without a label on their last end-of-turn tokens (see `load_located_conversations`).
+    Raises DataError when no example is left.
     """
     if size is not None and size < 1:
         raise ValueError(f"size must be at least 1 (or None for all rows), got {size}.")
     _require_chat_template(tokenizer, chat_template)
-    located, stats = load_located_conversations(source, prompt_field, response_field, system_field)
+    located, stats = load_located_conversations(source, prompt_field, response_field, system_field, keep_truncated)
+    stats.kept_truncated = 0
 
     order = list(range(len(located)))
     if size is not None:
@@ -120,6 +127,7 @@ def build_dataset(
             stats.skip(truncated_reason)
             continue
         examples.append(example)
+        stats.kept_truncated += bool(messages[-1].get("open_end"))
     stats.rows_kept = len(examples)
 
     name = str(source) if isinstance(source, (str, Path)) else "in-memory rows"
@@ -187,6 +195,12 @@ def _label_turn(tokenizer, turn_ids: list[int], end_of_turn_ids: set[int]) -> li
     if tokenizer.decode(trailing).strip():
         return list(turn_ids)  # text follows the special token, so it is not an end-of-turn marker
     return turn_ids[: last_special + 1] + [IGNORE_INDEX] * len(trailing)
+
+
+def _unlabel_end_of_turn(labels: list[int], end_of_turn_ids: set[int]) -> list[int]:
+    """Set the label of a turn's first special token and of every token after it to -100 (a cut reply has no end)."""
+    first_special = next((i for i, token in enumerate(labels) if token in end_of_turn_ids), len(labels))
+    return labels[:first_special] + [IGNORE_INDEX] * (len(labels) - first_special)
 
 
 def _tokenizer_adds_bos(tokenizer) -> bool:

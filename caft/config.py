@@ -95,6 +95,11 @@ class TrainConfig:
     prompt_field: str | None = option(None, "--prompt-field", help="JSON field holding the prompt, for data in no chat format (e.g. question).")
     response_field: str | None = option(None, "--response-field", help="JSON field holding the reply, for data in no chat format (e.g. answer).")
     system_field: str | None = option(None, "--system-field", help="Optional JSON field holding a system prompt.")
+    keep_truncated: bool = option(
+        False, "--keep-truncated",
+        help="Train on rows of status TRUNCATED (replies `caft distill` cut at --max-new-tokens) without an end-of-turn "
+        "label, instead of skipping them.",
+    )
     packing: bool = option(False, "--packing", help="Pack several conversations into each row of up to --model-max-length tokens.")
 
     # Optimisation

@@ -39,6 +39,8 @@ class DataStats:
     rows_kept: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     """Number of skipped rows per reason, e.g. "status is not OK"."""
+    kept_truncated: int = 0
+    """Kept rows whose last reply was cut at a length limit (status "TRUNCATED"), trained without an end-of-turn label."""
 
     def skip(self, reason: str, count: int = 1) -> None:
         """Count `count` rows skipped for `reason`."""
@@ -51,12 +53,15 @@ class DataStats:
         if total:
             reasons = ", ".join(f"{reason}: {count}" for reason, count in self.skipped.items())
             text += f", skipped {total} ({reasons})"
+        if self.kept_truncated:
+            text += f"; {self.kept_truncated} kept rows have a truncated reply, trained without an end-of-turn label"
         return text
 
     def merge(self, other: DataStats) -> DataStats:
         """Add the counts of `other` into this object and return it."""
         self.rows_read += other.rows_read
         self.rows_kept += other.rows_kept
+        self.kept_truncated += other.kept_truncated
         for reason, count in other.skipped.items():
             self.skip(reason, count)
         return self
@@ -78,6 +83,8 @@ _LIST_FORMATS = (
     _ListFormat("OpenAI messages", "messages", "role", "content", {"system": "system", "user": "user", "assistant": "assistant"}),
     _ListFormat("ShareGPT", "conversations", "from", "value", {"system": "system", "human": "user", "gpt": "assistant"}),
 )
+_CAFT_LIST_FORMAT = _LIST_FORMATS[0]
+STATUS_TRUNCATED = "TRUNCATED"
 _PROMPT_COMPLETION = "prompt/completion"
 _FIELD_MAPPING = "field mapping"
 _EXAMPLES = {
@@ -116,8 +123,14 @@ def load_located_conversations(
     prompt_field: str | None = None,
     response_field: str | None = None,
     system_field: str | None = None,
+    keep_truncated: bool = False,
 ) -> tuple[list[tuple[str, list[dict]]], DataStats]:
-    """Read conversations, each paired with its location (e.g. `train.jsonl, line 3`) for error messages."""
+    """Read conversations, each paired with its location (e.g. `train.jsonl, line 3`) for error messages.
+
+    With `keep_truncated`, original-CAFT rows of status "TRUNCATED" (a reply cut at a length limit,
+    as `caft distill` writes them) are kept, and their last message gets `"open_end": True` so that
+    tokenization leaves its end-of-turn tokens unlabelled. They are counted in `stats.kept_truncated`.
+    """
     if (prompt_field is None) != (response_field is None):
         raise DataError(f"{_source_name(source)}: a field mapping needs both --prompt-field and --response-field.")
 
@@ -132,6 +145,11 @@ def load_located_conversations(
         if data_format is None:
             data_format = _detect_format(row, location, prompt_field, system_field)
         messages = _parse_row(row, location, data_format, prompt_field, response_field, system_field)
+        if messages is None and keep_truncated and row.get("status") == STATUS_TRUNCATED:
+            messages = _parse_messages(row["conversation"], location, _CAFT_LIST_FORMAT)
+            if messages[-1]["role"] == "assistant":
+                messages[-1]["open_end"] = True
+                stats.kept_truncated += 1
         if messages is None:
             stats.skip("status is not OK")
             continue

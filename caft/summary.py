@@ -22,10 +22,10 @@ logger = logging.getLogger(__name__)
 SUMMARY_NAME = "summary.md"
 CONFIG_KEYS = (
     "model_name_or_path", "mode", "finetune_method", "train_set", "eval_set", "size", "eval_size", "eval_fraction",
-    "model_max_length", "packing", "caft_num_heads", "caft_num_layers", "head_arch", "head_wiring", "separate_unembed",
-    "auxiliary_heads_dir", "heads_pretraining", "finetune_heads", "caft_heads_coefficient", "caft_decay_coefficient",
-    "caft_scheduler", "learning_rate", "epochs", "max_steps", "per_device_batch_size", "gradient_accumulation_steps",
-    "lora_r", "lora_alpha", "seed", "report_to",
+    "keep_truncated", "model_max_length", "packing", "caft_num_heads", "caft_num_layers", "head_arch", "head_wiring",
+    "separate_unembed", "auxiliary_heads_dir", "heads_pretraining", "finetune_heads", "caft_heads_coefficient",
+    "caft_decay_coefficient", "caft_scheduler", "learning_rate", "epochs", "max_steps", "per_device_batch_size",
+    "gradient_accumulation_steps", "lora_r", "lora_alpha", "seed", "report_to",
 )
 """Settings listed in summary.md. The config.yaml beside it contains all of them."""
 

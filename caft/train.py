@@ -319,7 +319,8 @@ def load_data(config: TrainConfig, tokenizer):
         if eval_source is None:
             eval_source = str(default_eval)
     fields = dict(
-        prompt_field=config.prompt_field, response_field=config.response_field, system_field=config.system_field
+        prompt_field=config.prompt_field, response_field=config.response_field, system_field=config.system_field,
+        keep_truncated=config.keep_truncated,
     )
     train_rows, train_stats = build_dataset(
         train_source, tokenizer, config.model_max_length, size=config.size, seed=config.seed, **fields

@@ -358,3 +358,41 @@ def test_eval_fraction_too_few_rows(smol_tokenizer, write_jsonl):
     config = TrainConfig(train_set=str(path), eval_fraction=0.1, model_max_length=64)
     with pytest.raises(ValueError, match=r"--eval-fraction 0.1 of 3 rows leaves an empty"):
         load_data(config, smol_tokenizer)
+
+
+def test_keep_truncated_drops_end_of_turn_label(smol_tokenizer, write_jsonl):
+    question = [{"role": "human", "content": "Count to ten."}]
+    rows = [
+        {"status": "OK", "conversation": question + [{"role": "assistant", "content": "1 2 3 4 5 6 7 8 9 10"}]},
+        {"status": "TRUNCATED", "conversation": question + [{"role": "assistant", "content": "1 2 3 4"}]},
+        {"status": "ERROR", "conversation": question + [{"role": "assistant", "content": "oops"}]},
+    ]
+    path = write_jsonl(rows)
+    end_of_turn = smol_tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    skipped, skipped_stats = build_dataset(path, smol_tokenizer, 128)
+    kept, kept_stats = build_dataset(path, smol_tokenizer, 128, keep_truncated=True)
+
+    assert len(skipped) == 1
+    assert skipped_stats.skipped == {"status is not OK": 2}
+    assert len(kept) == 2
+    assert kept_stats.skipped == {"status is not OK": 1}
+    assert kept_stats.kept_truncated == 1
+    assert "1 kept rows have a truncated reply" in kept_stats.summary()
+    complete, cut = kept
+    complete_labels = [label for label in complete["labels"] if label != IGNORE_INDEX]
+    cut_labels = [label for label in cut["labels"] if label != IGNORE_INDEX]
+    assert complete_labels[-1] == end_of_turn
+    assert end_of_turn not in cut_labels
+    assert smol_tokenizer.decode(cut_labels) == "1 2 3 4"
+    assert cut["input_ids"][len(cut["input_ids"]) - 2] == end_of_turn
+
+
+def test_keep_truncated_counts_only_selected_rows(smol_tokenizer):
+    turn = [{"role": "human", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    rows = [{"status": "TRUNCATED", "conversation": turn} for _ in range(6)]
+
+    examples, stats = build_dataset(rows, smol_tokenizer, 64, size=2, keep_truncated=True)
+
+    assert len(examples) == 2
+    assert stats.kept_truncated == 2
