@@ -238,6 +238,13 @@ def main(argv=None) -> int:
         print(f"{method.name}: {tally.tokens / tally.wall_s:.2f} tokens/s, {wall_ratio:.2f}x plain wall-clock and "
               f"{cpu_ratio:.2f}x plain CPU time on the same {method.count} questions; outputs {identical}")
         results["methods"][method.name] = {**asdict(tally), "wall_ratio": wall_ratio, "cpu_ratio": cpu_ratio, "mismatches": found}
+        plain_packed = next((other for other in methods if other.num_draft is None and other.prepacked), None)
+        if method.num_draft is not None and method.prepacked and plain_packed is not None and method.count == plain_packed.count:
+            # Against plain decoding with the same prepacked kernels: the gain of drafting alone.
+            same_kernels = tallies[plain_packed.name]
+            ratio = (tally.tokens / tally.wall_s) / (same_kernels.tokens / same_kernels.wall_s)
+            print(f"    {ratio:.2f}x plain generate with the same prepacked linears (wall-clock)")
+            results["methods"][method.name]["wall_ratio_same_kernels"] = ratio
         if method.num_draft is not None:
             print(f"    {stats.summary()}")
             results["methods"][method.name].update(
