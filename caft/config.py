@@ -203,6 +203,11 @@ class TrainConfig:
                 "--eval-fraction splits the --train-set file; give either it or --eval-set, not both",
             ),
             (
+                self.eval_fraction is None or self.eval_size is None,
+                "--eval-size limits the --eval-set file and has no effect with --eval-fraction; drop --eval-size "
+                "or lower --eval-fraction",
+            ),
+            (
                 not (self.freeze_unembedding and self.finetune_method == "lora"),
                 "--freeze-unembedding applies to -ftm sft; LoRA never trains lm_head",
             ),

@@ -47,12 +47,15 @@ class SaveHeadsEachEpoch(TrainerCallback):
 def heads_readme(config: TrainConfig, metrics: dict, steps: int, metrics_before: dict | None = None, data_stats=()) -> str:
     """Build the model card text of a heads folder: base model, data, steps and per-head accuracy before and after."""
     rows = "; ".join(f"{name}: {stats.summary()}" for name, stats in zip(("train", "held-out"), data_stats) if stats)
+    held_out = config.eval_set or "-"
+    if config.eval_fraction is not None:
+        held_out = f"{config.eval_fraction:g} of the training rows, seed {config.seed}"
     lines = [
         "# CAFT auxiliary heads",
         "",
         f"- Base model: `{config.model_name_or_path}`",
         f"- Heads: {config.caft_num_heads} x {config.head_arch} ({config.caft_num_layers} layer(s)), wiring `{config.head_wiring}`",
-        f"- Training data: `{config.train_set or 'embedded HumanEval split'}`; held-out: `{config.eval_set or '-'}`",
+        f"- Training data: `{config.train_set or 'embedded HumanEval split'}`; held-out: `{held_out}`",
         f"- Rows: {rows or '-'}; max length {config.model_max_length} tokens",
         f"- Optimizer steps: {steps} ({config.epochs:g} epoch(s)); learning rate {config.learning_rate}; gamma {config.caft_decay_coefficient}",
         "",
