@@ -147,6 +147,9 @@ def load_located_conversations(
         messages = _parse_row(row, location, data_format, prompt_field, response_field, system_field)
         if messages is None and keep_truncated and row.get("status") == STATUS_TRUNCATED:
             messages = _parse_messages(row["conversation"], location, _CAFT_LIST_FORMAT)
+            if messages[-1]["role"] == "assistant" and not messages[-1]["content"].strip():
+                stats.skip("status is TRUNCATED and the reply is empty")
+                continue
             if messages[-1]["role"] == "assistant":
                 messages[-1]["open_end"] = True
                 stats.kept_truncated += 1

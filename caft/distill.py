@@ -45,7 +45,9 @@ STATUS_OK = "OK"
 STATUS_TRUNCATED = "TRUNCATED"
 _OUTPUT_ROLES = {"system": "system", "user": "human", "assistant": "assistant"}
 # Settings that change the generated replies. A resumed run must use the same ones.
-_SETTING_KEYS = ("model", "prompts", "prompt_field", "max_new_tokens", "greedy", "temperature", "top_p", "seed")
+_SETTING_KEYS = ("model", "prompts", "prompt_field", "max_new_tokens", "greedy", "temperature", "top_p", "seed", "dtype")
+# Values of settings added after the first release, for settings files written without them.
+_SETTING_DEFAULTS = {"dtype": "float32"}
 
 
 @dataclass
@@ -181,6 +183,7 @@ def check_settings(out_path: Path, settings: dict) -> None:
     settings_path = out_path.with_name(out_path.name + ".settings.json")
     if settings_path.is_file():
         stored = json.loads(settings_path.read_text(encoding="utf-8"))
+        stored, settings = {**_SETTING_DEFAULTS, **stored}, {**_SETTING_DEFAULTS, **settings}
         changed = [f"{key}: {stored.get(key)!r} -> {settings.get(key)!r}" for key in _SETTING_KEYS if stored.get(key) != settings.get(key)]
         if changed:
             raise ValueError(
@@ -411,7 +414,7 @@ def _command_distill(args: argparse.Namespace) -> int:
     settings = {
         "model": args.model, "prompts": str(Path(args.prompts).resolve()), "prompt_field": args.prompt_field,
         "max_new_tokens": args.max_new_tokens, "greedy": greedy, "temperature": None if greedy else args.temperature,
-        "top_p": None if greedy else args.top_p, "seed": args.seed,
+        "top_p": None if greedy else args.top_p, "seed": args.seed, "dtype": args.dtype,
     }
     tokenizer = load_tokenizer(args.model)
     model = load_model(resolve_model_name(args.model), dtype=args.dtype)

@@ -20,7 +20,6 @@ def test_heads_readme_names_eval_fraction():
     assert "held-out: `0.25 of the training rows, seed 7`" in text
 
 
-@pytest.mark.xfail(strict=True, reason="--dtype changes greedy replies but is not a stored distill setting")
 def test_distill_resume_rejects_other_dtype(tmp_path):
     from caft.distill import append_rows, check_settings
 
@@ -33,7 +32,6 @@ def test_distill_resume_rejects_other_dtype(tmp_path):
         check_settings(out, {**settings, "dtype": "bfloat16"})
 
 
-@pytest.mark.xfail(strict=True, reason="an empty cut reply has no label and is reported as cut by --model-max-length")
 def test_keep_truncated_empty_reply_skip_reason(smol_tokenizer):
     from caft.chat import build_dataset
 
@@ -47,3 +45,17 @@ def test_keep_truncated_empty_reply_skip_reason(smol_tokenizer):
 
     assert len(examples) == 1
     assert not any(reason.startswith("no label left after truncation") for reason in stats.skipped), stats.skipped
+    assert stats.skipped == {"status is TRUNCATED and the reply is empty": 1}
+
+
+def test_distill_resume_old_settings_without_dtype(tmp_path):
+    from caft.distill import check_settings
+
+    out = tmp_path / "distilled.jsonl"
+    settings = {"model": "smollm2", "max_new_tokens": 8, "greedy": True, "seed": 0}
+    check_settings(out, settings)
+    out.write_text("", encoding="utf-8")
+
+    check_settings(out, {**settings, "dtype": "float32"})
+    with pytest.raises(ValueError, match="dtype: 'float32' -> 'bfloat16'"):
+        check_settings(out, {**settings, "dtype": "bfloat16"})
