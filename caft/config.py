@@ -199,8 +199,12 @@ class TrainConfig:
             (self.eval_size is None or self.eval_size >= 1, "--eval-size must be at least 1"),
             (self.eval_fraction is None or 0 < self.eval_fraction < 1, "--eval-fraction must be between 0 and 1"),
             (
-                self.eval_fraction is None or (self.eval_set is None and self.train_set is not None),
+                self.eval_fraction is None or self.eval_set is None,
                 "--eval-fraction splits the --train-set file; give either it or --eval-set, not both",
+            ),
+            (
+                self.eval_fraction is None or self.train_set is not None,
+                "--eval-fraction splits the --train-set file; pass -ts FILE with it",
             ),
             (
                 self.eval_fraction is None or self.eval_size is None,

@@ -340,7 +340,7 @@ def test_eval_fraction_split_is_disjoint_and_seeded(smol_tokenizer, write_jsonl)
 @pytest.mark.parametrize("settings, message", [
     (dict(eval_fraction=1.0), "between 0 and 1"),
     (dict(eval_fraction=0.1, eval_set="held_out.jsonl"), "either it or --eval-set"),
-    (dict(eval_fraction=0.1, train_set=None), "either it or --eval-set"),
+    (dict(eval_fraction=0.1, train_set=None), "pass -ts FILE with it"),
 ])
 def test_eval_fraction_invalid_settings(settings, message):
     from caft.config import TrainConfig
