@@ -106,11 +106,11 @@ def evaluate_heads(model, rows: list[dict], collator, batch_size: int = 8, chunk
 
 def format_results(results: list[dict]) -> str:
     """Format the results as a plain-text table: one line per head with its target token, loss, top-1 and top-5."""
-    lines = [f"{'head':>4}  {'predicts':>8}  {'loss':>7}  {'top-1':>6}  {f'top-{TOP_K}':>6}  {'targets':>8}"]
+    lines = [f"{'head':>8}  {'predicts':>8}  {'loss':>7}  {'top-1':>6}  {f'top-{TOP_K}':>6}  {'targets':>8}"]
     for result in results:
         name = f"{result['head']}" + (" (base)" if result["head"] == 0 else "")
         lines.append(
-            f"{name:>4}  {result['predicts']:>8}  {result['loss']:7.4f}  {result['top1']:6.3f}  "
+            f"{name:>8}  {result['predicts']:>8}  {result['loss']:7.4f}  {result['top1']:6.3f}  "
             f"{result[f'top{TOP_K}']:6.3f}  {result['targets']:>8}"
         )
     return "\n".join(lines)
