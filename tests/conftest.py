@@ -11,6 +11,18 @@ import pytest
 from caft.assets import shared_data_dir
 
 SHARED_DATA = shared_data_dir()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative_path: str):
+    """Import a script of the repository (for example experiments/caft_vs_ntp.py) as a module."""
+    import importlib.util
+
+    path = REPO / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

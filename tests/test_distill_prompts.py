@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA
-
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "distill_prompts.py"
+from conftest import SHARED_DATA, load_script
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("distill_prompts", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("experiments/distill_prompts.py")
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "mbpp" / "mbpp.jsonl").is_file(), reason="the shared GSM8K and MBPP files are missing")
