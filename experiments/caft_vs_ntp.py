@@ -26,6 +26,7 @@ import random
 import statistics
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -368,7 +369,7 @@ def plot_task(args, task: str, collected: dict, out_path: Path) -> bool:
             if seed_values:
                 axes.bar(position, statistics.fmean(seed_values), color=("tab:gray", "tab:blue", "tab:green")[position - 1], alpha=0.6)
                 axes.scatter([position] * len(seed_values), seed_values, color="black", s=12, zorder=3)
-        axes.set_xticks(range(len(labels)), labels, fontsize=7)
+        axes.set_xticks(range(len(labels)), [textwrap.fill(text, 12) for text in labels], fontsize=7)
         if not higher:
             # Start the loss axis near the values, so that small differences stay visible.
             shown = [value for value in [base, *(v for mode in modes for v in by_mode.get(mode, {}).values())] if value is not None]
