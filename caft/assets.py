@@ -156,7 +156,8 @@ def default_data_paths() -> tuple[Path, Path]:
 def shared_data_dir() -> Path:
     """Return the folder of the GSM8K and MBPP files used by tests, benchmarks and experiments.
 
-    `$CAFT_TEST_DATA_DIR` if set, else `../shared/data` beside the project root, else `/work/shared/data`.
+    The folder is `$CAFT_TEST_DATA_DIR` if set, else `shared/data` in the parent folder of the
+    project root, else `/work/shared/data`.
     """
     if os.environ.get("CAFT_TEST_DATA_DIR"):
         return Path(os.environ["CAFT_TEST_DATA_DIR"])

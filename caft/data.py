@@ -84,6 +84,7 @@ _LIST_FORMATS = (
     _ListFormat("ShareGPT", "conversations", "from", "value", {"system": "system", "human": "user", "gpt": "assistant"}),
 )
 _CAFT_LIST_FORMAT = _LIST_FORMATS[0]
+STATUS_OK = "OK"
 STATUS_TRUNCATED = "TRUNCATED"
 _PROMPT_COMPLETION = "prompt/completion"
 _FIELD_MAPPING = "field mapping"
@@ -144,18 +145,17 @@ def load_located_conversations(
             raise DataError(f"{location}: expected a JSON object, got {type(row).__name__}. Write one object per row.")
         if data_format is None:
             data_format = _detect_format(row, location, prompt_field, system_field)
-        messages = _parse_row(row, location, data_format, prompt_field, response_field, system_field)
-        if messages is None and keep_truncated and row.get("status") == STATUS_TRUNCATED:
-            messages = _parse_messages(row["conversation"], location, _CAFT_LIST_FORMAT)
-            if messages[-1]["role"] == "assistant" and not messages[-1]["content"].strip():
-                stats.skip("status is TRUNCATED and the reply is empty")
-                continue
-            if messages[-1]["role"] == "assistant":
-                messages[-1]["open_end"] = True
-                stats.kept_truncated += 1
+        messages = _parse_row(row, location, data_format, prompt_field, response_field, system_field, keep_truncated)
         if messages is None:
             stats.skip("status is not OK")
             continue
+        truncated = data_format == _CAFT_LIST_FORMAT.name and row.get("status") == STATUS_TRUNCATED
+        if truncated and messages[-1]["role"] == "assistant":
+            if not messages[-1]["content"].strip():
+                stats.skip("status is TRUNCATED and the reply is empty")
+                continue
+            messages[-1]["open_end"] = True
+            stats.kept_truncated += 1
         located.append((location, messages))
 
     if stats.rows_read == 0:
@@ -286,8 +286,9 @@ def _parse_row(
     prompt_field: str | None,
     response_field: str | None,
     system_field: str | None,
+    keep_truncated: bool = False,
 ) -> list[dict] | None:
-    """Convert one row into messages; return None for an original-CAFT row whose status is not OK."""
+    """Convert one row into messages; return None for an original-CAFT row whose status is not OK (or TRUNCATED, when kept)."""
     if data_format == _FIELD_MAPPING:
         return _single_turn(row, location, prompt_field, response_field, system_field, "--prompt-field/--response-field")
     if data_format == _PROMPT_COMPLETION:
@@ -298,7 +299,8 @@ def _parse_row(
     list_format = next(item for item in _LIST_FORMATS if item.name == data_format)
     if list_format.key not in row:
         _raise_mixed_formats(row, location, data_format)
-    if list_format.key == "conversation" and row.get("status", "OK") != "OK":
+    accepted = (STATUS_OK, STATUS_TRUNCATED) if keep_truncated else (STATUS_OK,)
+    if list_format.key == "conversation" and row.get("status", STATUS_OK) not in accepted:
         return None
     return _parse_messages(row[list_format.key], location, list_format)
 

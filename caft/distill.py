@@ -39,10 +39,10 @@ from pathlib import Path
 
 import torch
 
+from .data import STATUS_OK, STATUS_TRUNCATED
+
 logger = logging.getLogger(__name__)
 
-STATUS_OK = "OK"
-STATUS_TRUNCATED = "TRUNCATED"
 _OUTPUT_ROLES = {"system": "system", "user": "human", "assistant": "assistant"}
 # Settings that change the generated replies. A resumed run must use the same ones.
 _SETTING_KEYS = ("model", "prompts", "prompt_field", "max_new_tokens", "greedy", "temperature", "top_p", "seed", "dtype")

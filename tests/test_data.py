@@ -371,15 +371,15 @@ def test_keep_truncated_drops_end_of_turn_label(smol_tokenizer, write_jsonl):
     end_of_turn = smol_tokenizer.convert_tokens_to_ids("<|im_end|>")
 
     skipped, skipped_stats = build_dataset(path, smol_tokenizer, 128)
-    kept, kept_stats = build_dataset(path, smol_tokenizer, 128, keep_truncated=True)
+    with_truncated, kept_stats = build_dataset(path, smol_tokenizer, 128, keep_truncated=True)
 
     assert len(skipped) == 1
     assert skipped_stats.skipped == {"status is not OK": 2}
-    assert len(kept) == 2
+    assert len(with_truncated) == 2
     assert kept_stats.skipped == {"status is not OK": 1}
     assert kept_stats.kept_truncated == 1
     assert "1 kept rows have a truncated reply" in kept_stats.summary()
-    complete, cut = kept
+    complete, cut = with_truncated
     complete_labels = [label for label in complete["labels"] if label != IGNORE_INDEX]
     cut_labels = [label for label in cut["labels"] if label != IGNORE_INDEX]
     assert complete_labels[-1] == end_of_turn
