@@ -9,7 +9,9 @@ tokens/s of each method, their ratio in wall-clock time and in CPU time of this 
 second is less sensitive to other processes on a shared machine when torch uses one thread),
 the mean number of tokens per model forward, the acceptance
 rate of each head and where the speculative time goes. It then times one model forward over
-blocks of 1..n+1 tokens at a typical context length, which is the verification cost per step.
+blocks as large as each method verifies at a typical context length (the verification cost
+per step). Each --num-draft runs once per --tree-size: 0 drafts a chain, N > 0 a tree of N
+candidates (caft/draft_tree.py).
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from caft.assets import shared_data_dir  # noqa: E402
+from caft.draft_tree import DEFAULT_TREE_SIZE  # noqa: E402
 from caft.generate import (  # noqa: E402
     SpeculativeStats,
+    choose_tree,
     encode_prompt,
     load_heads_for,
     load_model_for_generation,
@@ -53,6 +57,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--num-draft", type=int, nargs="+", default=None,
         help="Drafted tokens per step; several values run one speculative method each (default: all heads).",
     )
+    parser.add_argument(
+        "--tree-size", type=int, nargs="+", default=[0, DEFAULT_TREE_SIZE],
+        help="Draft tree sizes to run for each --num-draft; 0 is chain drafting (default: %(default)s).",
+    )
+    parser.add_argument("--tree-stats", help="eval_heads.json whose rank accuracies shape the trees (as caft generate).")
     parser.add_argument(
         "--recompute-questions", type=int, default=0,
         help="Also run the first N questions with --no-head-cache (heads recompute their keys and values).",
@@ -122,15 +131,15 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 
 @torch.inference_mode()
-def time_block_forwards(model, prompt: list[int], context: int, max_block: int, repeats: int = 15) -> dict[int, float]:
-    """Median seconds of one cached forward over 1..max_block new tokens after `context` cached tokens."""
+def time_block_forwards(model, prompt: list[int], context: int, sizes: list[int], repeats: int = 15) -> dict[int, float]:
+    """Median seconds of one cached forward over blocks of `sizes` new tokens after `context` cached tokens."""
     from transformers import DynamicCache
 
-    ids = (prompt * (context // len(prompt) + 1))[: context + max_block]
+    ids = (prompt * (context // len(prompt) + max(sizes) + 1))[: context + max(sizes)]
     cache = DynamicCache(config=model.config)
     model(input_ids=torch.tensor([ids[:context]]), cache=cache, use_cache=True, logits_to_keep=1)
     timings = {}
-    for size in range(1, max_block + 1):
+    for size in sizes:
         samples = []
         for _ in range(repeats):
             start = time.perf_counter()
@@ -148,6 +157,8 @@ class Method:
     name: str
     num_draft: int | None = None
     """None for plain `model.generate`."""
+    tree: object = None
+    """A caft.draft_tree.DraftTree, or None for chain drafting."""
     prepacked: bool = False
     head_cache: bool = True
     count: int = 0
@@ -162,10 +173,15 @@ def build_methods(args, num_heads: int, count: int) -> list[Method]:
         if prepacked:
             methods.append(Method(f"plain generate{suffix}", prepacked=True, count=count))
         for num_draft in num_drafts:
-            methods.append(Method(f"speculative, {num_draft} drafts{suffix}", num_draft, prepacked, count=count))
+            for tree_size in args.tree_size:
+                tree = choose_tree(tree_size, args.tree_stats, args.heads, num_heads, num_draft, 0.0)
+                shape = f"tree of {tree_size}" if tree is not None else "chain"
+                methods.append(Method(f"speculative, {num_draft} drafts, {shape}{suffix}", num_draft, tree, prepacked, count=count))
     if args.recompute_questions:
         last = methods[-1]
-        methods.append(Method(f"{last.name}, no head cache", last.num_draft, last.prepacked, False, args.recompute_questions))
+        methods.append(
+            Method(f"{last.name}, no head cache", last.num_draft, last.tree, last.prepacked, False, args.recompute_questions)
+        )
     return methods
 
 
@@ -177,7 +193,7 @@ def run_method(method: Method, model, heads, prompt: list[int], max_new_tokens: 
             return tokens, None, wall, cpu
         result, wall, cpu = timed(
             speculative_generate, model, heads, prompt, max_new_tokens=max_new_tokens, num_draft=method.num_draft,
-            head_cache=method.head_cache,
+            head_cache=method.head_cache, tree=method.tree,
         )
         return result.tokens, result.stats, wall, cpu
 
@@ -253,10 +269,10 @@ def main(argv=None) -> int:
             )
 
     context = len(prompts[0]) + 150
-    max_block = max(method.num_draft or 0 for method in methods) + 1
+    block_sizes = sorted({1} | {(len(method.tree) if method.tree is not None else method.num_draft or 0) + 1 for method in methods})
     for prepacked in sorted({method.prepacked for method in methods}):
         with prepacked_linears(model, heads) if prepacked else contextlib.nullcontext():
-            timings = time_block_forwards(model, prompts[0], context, max_block)
+            timings = time_block_forwards(model, prompts[0], context, block_sizes)
         label = "prepacked" if prepacked else "default"
         print(f"\none cached forward after {context} tokens, {label} linears, by block size: " + ", ".join(
             f"{size}: {seconds * 1000:.1f} ms ({seconds / timings[1]:.2f}x)" for size, seconds in timings.items()

@@ -142,6 +142,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"caft {args.command}: error: {message}", file=sys.stderr)
         print("(run with --verbose for the traceback)", file=sys.stderr)
         return EXIT_INPUT_ERROR
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Destroy the torch.distributed process group a command opened (torchrun, accelerate launch).
+
+    Left open, the group's background threads can still run while the interpreter exits, which
+    aborted gloo workers with "terminate called without an active exception" on a loaded machine.
+    """
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ t+1+k from position t; head 0 is the base model's own next-token head, listed fo
 Without --heads, the heads start as copies of the last decoder layer (the state before heads
 training), which gives the baseline of a heads run.
 
+Per head, `rank_accuracy` lists how often the target is the head's best, second best, ... token;
+`caft generate` builds its draft tree from it (see caft/draft_tree.py).
+
 Writes `eval_heads.json` and `eval_heads.png` (bar chart; needs matplotlib) into --out.
 Logits are computed for one head and one chunk of positions at a time, so at most a
 (chunk_size, V) tensor exists, never (B, T, V) for all heads.
@@ -28,6 +31,8 @@ from .loss import IGNORE_INDEX, head_targets
 logger = logging.getLogger(__name__)
 
 TOP_K = 5
+RANKS = 10
+"""`rank_accuracy[r]` for r < RANKS: the share of targets that are the head's rank-r token (0 = its best)."""
 RESULTS_NAME = "eval_heads.json"
 CHART_NAME = "eval_heads.png"
 
@@ -52,6 +57,7 @@ class HeadCounts:
 
     def __init__(self):
         self.loss_sum, self.targets, self.top1, self.topk = 0.0, 0, 0, 0
+        self.rank_hits = [0] * RANKS
 
     def add(self, hidden: torch.Tensor, targets: torch.Tensor, unembed, chunk_size: int) -> None:
         """Score states `hidden` (B, S, H) against `targets` (B, S), skipping ignored targets, chunk by chunk."""
@@ -64,12 +70,17 @@ class HeadCounts:
             self.top1 += (logits.argmax(dim=-1) == chunk_targets).sum().item()
             best = logits.topk(min(TOP_K, logits.shape[-1]), dim=-1).indices  # (n, k)
             self.topk += (best == chunk_targets[:, None]).any(dim=-1).sum().item()
+            # The rank of a target is the number of tokens with a higher logit (ties count in its favour).
+            ranks = (logits > logits.gather(1, chunk_targets[:, None])).sum(dim=-1)
+            for rank, hits in enumerate(torch.bincount(ranks.clamp(max=RANKS), minlength=RANKS + 1)[:RANKS].tolist()):
+                self.rank_hits[rank] += hits
             self.targets += chunk_targets.shape[0]
 
     def result(self, head: int) -> dict:
         count = max(self.targets, 1)
         return {"head": head, "predicts": f"t+{head + 1}", "loss": self.loss_sum / count,
-                "top1": self.top1 / count, f"top{TOP_K}": self.topk / count, "targets": self.targets}
+                "top1": self.top1 / count, f"top{TOP_K}": self.topk / count, "targets": self.targets,
+                "rank_accuracy": [hits / count for hits in self.rank_hits]}
 
 
 def evaluate_heads(model, rows: list[dict], collator, batch_size: int = 8, chunk_size: int = 512) -> list[dict]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import logging
 import math
@@ -39,6 +40,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .draft_tree import DEFAULT_TREE_SIZE, FALLBACK_RANK_ACCURACY, DraftTree, read_rank_accuracy
+from .eval_heads import RESULTS_NAME
 from .heads import AuxiliaryHeads, build_heads, find_decoder_layers, find_final_norm, load_heads_state, read_heads_file
 from .model import make_unembed, unwrap_causal_lm
 
@@ -228,6 +231,32 @@ class HeadDrafter:
             outputs = [self.norm(output) for output in outputs]
         return self._unembed(outputs)
 
+    def draft_logits_path(self, capture: _LastLayerCapture, path: list[int], past: int) -> list[torch.Tensor]:
+        """Return each head's logits (V,) after the tree nodes `path` (block positions) that the model accepted.
+
+        The heads see the accepted nodes as a plain sequence after the `past` cached positions: their
+        states, rotary embeddings and position ids are gathered from the tree block, and a causal mask
+        replaces the tree mask.
+        """
+        if self.config.arch == "linear":
+            return self.draft_logits(capture, path[-1])
+        layer_hidden, args, kwargs = capture.layer_inputs()
+        if self.config.wiring == "reference":
+            layer_hidden = capture.final_hidden
+        index = torch.tensor(path, dtype=torch.long, device=layer_hidden.device)
+        layer_hidden = layer_hidden.index_select(1, index)
+        args, kwargs = (), _path_kwargs(_named_arguments(self.heads[0].layers[0], args, kwargs), index, past,
+                                        layer_hidden.dtype)
+        if not self.use_cache:
+            self.caches = [self._new_caches(head) for head in self.heads]
+            for old_hidden, old_args, old_kwargs, old_remove in self.history:
+                self._run_layers(old_hidden, old_args, old_kwargs, old_remove)
+            self.history.append((layer_hidden, args, kwargs, 0))
+        outputs = [output[:, -1:] for output in self._run_layers(layer_hidden, args, kwargs, 0)]
+        if self.config.wiring != "reference":
+            outputs = [self.norm(output) for output in outputs]
+        return self._unembed(outputs)
+
     def _unembed(self, hidden_states: list[torch.Tensor]) -> list[torch.Tensor]:
         """Map each head's (1, 1, H) state to logits (V,); heads sharing lm_head go through it in one matmul."""
         if self.config.separate_unembed:
@@ -249,6 +278,54 @@ class HeadDrafter:
                     cache.crop(-to_remove)
             outputs.append(state)
         return outputs
+
+
+def _named_arguments(layer: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """Return the layer's positional arguments after the hidden states as keyword arguments (GPT-2 passes the mask so)."""
+    if not args:
+        return dict(kwargs)
+    names = [name for name in inspect.signature(layer.forward).parameters if name not in ("self", "args", "kwargs")]
+    return {**dict(zip(names[1:], args)), **kwargs}
+
+
+def _path_kwargs(kwargs: dict, index: torch.Tensor, past: int, dtype: torch.dtype) -> dict:
+    """Turn the last layer's kwargs for a tree block into those of the accepted path `index` after `past` positions."""
+    from transformers import Cache
+
+    path_kwargs = {}
+    for name, value in kwargs.items():
+        if name == "position_embeddings" and isinstance(value, tuple):
+            value = tuple(part.index_select(1, index) for part in value)
+        elif name == "attention_mask":
+            value = causal_block_mask(index.numel(), past, dtype, index.device)
+        elif name in ("position_ids", "cache_position") and isinstance(value, torch.Tensor):
+            value = value.index_select(value.dim() - 1, index)
+        elif isinstance(value, torch.Tensor) and not isinstance(value, Cache):
+            raise ValueError(
+                f"Tree drafting does not know how to follow the last decoder layer's argument {name!r} along a path; "
+                "use chain drafting (--tree-size 0)."
+            )
+        path_kwargs[name] = value
+    return path_kwargs
+
+
+def causal_block_mask(length: int, past: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """(1, 1, length, past + length) additive mask: every new position sees the past and the new positions up to itself."""
+    mask = torch.zeros(1, 1, length, past + length, dtype=dtype, device=device)
+    mask[0, 0, :, past:] = torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)
+    return mask
+
+
+def keep_cache_positions(cache, start: int, offsets: list[int]) -> None:
+    """Keep the cached positions `start + offsets[i]` (offsets increasing) at `start + i` and drop the rest after `start`."""
+    if offsets == list(range(len(offsets))):
+        cache.crop(start + len(offsets) - cache.get_seq_length())
+        return
+    for layer in cache.layers:
+        index = torch.tensor(offsets, dtype=torch.long, device=layer.keys.device) + start
+        layer.keys[..., start : start + len(offsets), :] = layer.keys.index_select(-2, index)
+        layer.values[..., start : start + len(offsets), :] = layer.values.index_select(-2, index)
+    cache.crop(start + len(offsets) - cache.get_seq_length())
 
 
 @contextlib.contextmanager
@@ -345,6 +422,7 @@ def speculative_generate(
     eos_token_id: int | list[int] | None = None,
     head_cache: bool = True,
     on_tokens: Callable[[list[int]], None] | None = None,
+    tree: DraftTree | None = None,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens after `input_ids` (one prompt), drafting with heads 1..num_draft.
 
@@ -353,8 +431,22 @@ def speculative_generate(
     `on_tokens` receives each group of tokens as soon as it is accepted. `num_draft=0` decodes
     one token per forward pass through the same code path. The model and heads run in eval mode
     and get their previous mode back afterwards.
+
+    With a `tree` (see caft/draft_tree.py), each step verifies several candidates per head at once
+    and `num_draft`, when given, must be at least the tree's depth. Trees are for greedy decoding only.
     """
     model = unwrap_causal_lm(model)
+    if tree is not None:
+        if temperature != 0:
+            raise ValueError(
+                "Tree drafting keeps the output exact for greedy decoding only; with temperature > 0 use chain "
+                "drafting (tree=None, --tree-size 0)."
+            )
+        if tree.depth > len(heads):
+            raise ValueError(f"The draft tree is {tree.depth} deep but there are only {len(heads)} heads.")
+        if num_draft is not None and num_draft < tree.depth:
+            raise ValueError(f"The draft tree is {tree.depth} deep, deeper than num_draft ({num_draft}).")
+        num_draft = tree.depth
     num_draft = len(heads) if num_draft is None else num_draft
     if not 0 <= num_draft <= len(heads):
         raise ValueError(f"num_draft must be between 0 and the number of heads ({len(heads)}), got {num_draft}.")
@@ -378,7 +470,7 @@ def speculative_generate(
         generator.manual_seed(seed if seed is not None else torch.seed())
     decoding = _SpeculativeDecoding(
         model, heads, num_draft, _TokenChooser(temperature, generator), _eos_ids(model, eos_token_id), max_new_tokens,
-        head_cache, on_tokens,
+        head_cache, on_tokens, tree,
     )
     if max_new_tokens == 0:
         return GenerationResult(tokens=[], stats=decoding.stats)
@@ -397,8 +489,10 @@ def speculative_generate(
 class _SpeculativeDecoding:
     """The state of one generation: the model's KV cache, the heads' drafter, the tokens and the counters."""
 
-    def __init__(self, model, heads, num_draft, chooser, eos_ids, max_new_tokens, head_cache, on_tokens):
+    def __init__(self, model, heads, num_draft, chooser, eos_ids, max_new_tokens, head_cache, on_tokens, tree=None):
         self.model = model
+        self.tree = tree
+        self.tree_blocks: dict[int, _TreeBlock] = {}
         self.heads = heads
         self.num_draft = num_draft
         self.chooser = chooser
@@ -416,14 +510,20 @@ class _SpeculativeDecoding:
         self.device = input_ids.device
         self.drafter = HeadDrafter(self.model, self.heads, self.num_draft, use_cache=self.head_cache)
         self.cache = DynamicCache(config=self.model.config)
+        if self.tree is not None and any(type(layer).__name__ != "DynamicLayer" for layer in self.cache.layers):
+            raise ValueError(
+                f"Tree drafting needs a KV cache of full-attention layers; {type(self.model).__name__} uses "
+                "sliding-window or other layers. Use chain drafting (--tree-size 0)."
+            )
         output = self.model(input_ids=input_ids, cache=self.cache, use_cache=True, logits_to_keep=1)
         self.stats.forwards += 1
         next_token = self.chooser.choose(output.logits[0, -1])
         self.stats.prefill_s = time.perf_counter() - start
         head_logits = self._draft(capture, -1) if self.num_draft and self.max_new_tokens > 1 else []
 
+        step = self._step if self.tree is None else self._tree_step
         while next_token is not None:
-            next_token, head_logits = self._step(capture, next_token, head_logits)
+            next_token, head_logits = step(capture, next_token, head_logits)
         self.stats.new_tokens = len(self.tokens)
         self.stats.total_s = time.perf_counter() - start
 
@@ -433,11 +533,8 @@ class _SpeculativeDecoding:
         Returns the model's token after them and the heads' logits for the next drafts, or
         (None, []) when generation has ended.
         """
-        self.tokens.append(next_token)
-        new = [next_token]
-        remaining = self.max_new_tokens - len(self.tokens)
-        if next_token in self.eos_ids or remaining == 0:
-            self._emit(new)
+        remaining = self._commit_next(next_token)
+        if remaining == 0:
             return None, []
         drafts = [self.chooser.choose(logits) for logits in head_logits[:remaining]]
 
@@ -451,15 +548,78 @@ class _SpeculativeDecoding:
             self.cache.crop(num_accepted - len(drafts))  # transformers 5 takes minus the number of tokens to drop
         self.stats.verify_s += time.perf_counter() - tick
 
-        for draft in drafts[:num_accepted]:
+        if self._commit_drafts(next_token, drafts[:num_accepted]):
+            return None, []
+        return next_token, self._draft(capture, num_accepted) if self.num_draft else []
+
+    def _commit_next(self, next_token: int) -> int:
+        """Append the model's token; return how many more tokens may follow (0 when generation has ended)."""
+        self.tokens.append(next_token)
+        remaining = self.max_new_tokens - len(self.tokens)
+        if next_token in self.eos_ids or remaining == 0:
+            self._emit([next_token])
+            return 0
+        return remaining
+
+    def _commit_drafts(self, next_token: int, accepted: list[int]) -> bool:
+        """Append the accepted drafts up to the first end-of-sequence token; emit them; return whether generation has ended."""
+        new = [next_token]
+        for draft in accepted:
             self.tokens.append(draft)
             new.append(draft)
             if draft in self.eos_ids:
                 break
         self._emit(new)
-        if self.tokens[-1] in self.eos_ids or len(self.tokens) == self.max_new_tokens:
+        return self.tokens[-1] in self.eos_ids or len(self.tokens) == self.max_new_tokens
+
+    def _tree_step(self, capture, next_token: int, head_logits: list[torch.Tensor]) -> tuple[int | None, list[torch.Tensor]]:
+        """Like `_step`, with a tree of candidates: walk down the tree while a child holds the model's choice."""
+        remaining = self._commit_next(next_token)
+        if remaining == 0:
             return None, []
-        return next_token, self._draft(capture, num_accepted) if self.num_draft else []
+        tree = self._tree_block(min(remaining, self.tree.depth))
+
+        tick = time.perf_counter()
+        candidates = [torch.tensor([next_token], device=self.device)]
+        candidates += [logits.topk(width).indices for logits, width in zip(head_logits, tree.tree.widths)]
+        block = torch.cat(candidates).index_select(0, tree.token_index)  # (N + 1,) tokens of the tree's nodes
+        past = self.cache.get_seq_length()
+        mask = torch.zeros(1, 1, block.numel(), past + block.numel(), dtype=tree.mask.dtype, device=self.device)
+        mask[0, 0, :, past:] = tree.mask
+        logits = self.model(
+            input_ids=block[None], position_ids=(tree.depths + past)[None], attention_mask=mask,
+            cache=self.cache, use_cache=True,
+        ).logits[0]  # (N + 1, V)
+        self.stats.forwards += 1
+        self.stats.steps += 1
+        choices, tokens = logits.argmax(dim=-1).tolist(), block.tolist()
+        path = [0]
+        while tree.tree.children[path[-1]]:
+            depth = len(path) - 1
+            self.stats.reached[depth] += 1
+            match = next((child for child in tree.tree.children[path[-1]] if tokens[child] == choices[path[-1]]), None)
+            if match is None:
+                break
+            self.stats.accepted[depth] += 1
+            self.stats.accepted_drafts += 1
+            path.append(match)
+        keep_cache_positions(self.cache, past, path)
+        self.stats.verify_s += time.perf_counter() - tick
+
+        if self._commit_drafts(tokens[0], [tokens[node] for node in path[1:]]):
+            return None, []
+        next_token = choices[path[-1]]
+        tick = time.perf_counter()
+        head_logits = self.drafter.draft_logits_path(capture, path, past)
+        self.stats.heads_s += time.perf_counter() - tick
+        return next_token, head_logits
+
+    def _tree_block(self, depth: int) -> _TreeBlock:
+        if depth not in self.tree_blocks:
+            tree = self.tree if depth >= self.tree.depth else self.tree.truncated(depth)
+            dtype = next(self.model.parameters()).dtype
+            self.tree_blocks[depth] = _TreeBlock(tree, dtype, self.device)
+        return self.tree_blocks[depth]
 
     def _draft(self, capture: _LastLayerCapture, row: int) -> list[torch.Tensor]:
         tick = time.perf_counter()
@@ -470,6 +630,17 @@ class _SpeculativeDecoding:
     def _emit(self, new: list[int]) -> None:
         if self.on_tokens is not None:
             self.on_tokens(new)
+
+
+class _TreeBlock:
+    """A draft tree's tensors on the model's device: node token indices, depths and the additive attention mask."""
+
+    def __init__(self, tree: DraftTree, dtype: torch.dtype, device):
+        self.tree = tree
+        self.token_index = tree.token_index().to(device)
+        self.depths = torch.tensor(tree.depths, dtype=torch.long, device=device)
+        self.mask = torch.full((len(tree) + 1,) * 2, torch.finfo(dtype).min, dtype=dtype, device=device)
+        self.mask.masked_fill_(tree.ancestor_mask().to(device), 0.0)
 
 
 def _verify(chooser: _TokenChooser, drafts: list[int], logits: torch.Tensor, head_logits, stats) -> tuple[int, int]:
@@ -595,6 +766,16 @@ def register(subparsers) -> None:
     source.add_argument("--prompts-file", help="A .jsonl or .json file of prompts, one per row.")
     parser.add_argument("--prompt-field", default="prompt", help="Field of --prompts-file rows holding the prompt (default: %(default)s).")
     parser.add_argument("--num-draft", type=int, default=None, help="Drafted tokens per step, from heads 1..N (default: all heads).")
+    parser.add_argument(
+        "--tree-size", type=int, default=None,
+        help="Candidates verified per step in a draft tree (several tokens per head, greedy decoding only); 0 drafts "
+        f"one chain of tokens (default: {DEFAULT_TREE_SIZE} for greedy decoding, 0 for sampling).",
+    )
+    parser.add_argument(
+        "--tree-stats",
+        help="eval_heads.json of `caft eval-heads` whose rank accuracies shape the tree (default: <heads>/eval/"
+        "eval_heads.json when present, else rates measured on SmolLM2's distilled heads).",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=256, help="Maximum new tokens per prompt (default: %(default)s).")
     parser.add_argument(
         "--chat-template", action=argparse.BooleanOptionalAction, default=True,
@@ -617,6 +798,35 @@ def register(subparsers) -> None:
     parser.set_defaults(handler=run_generate_command)
 
 
+def choose_tree(tree_size: int | None, tree_stats: str | None, heads_source, num_heads: int, num_draft: int | None,
+                temperature: float) -> DraftTree | None:
+    """Return the draft tree for `caft generate`'s options, or None for chain drafting."""
+    if tree_size is not None and tree_size < 0:
+        raise ValueError(f"--tree-size must be >= 0, got {tree_size}.")
+    if tree_size is None:
+        tree_size = DEFAULT_TREE_SIZE if temperature == 0 else 0
+    elif tree_size > 0 and temperature != 0:
+        raise ValueError(
+            "--tree-size works with greedy decoding only (--temperature 0); with sampling, use --tree-size 0."
+        )
+    if tree_size == 0:
+        return None
+    depth = num_heads if num_draft is None else num_draft
+    if not 0 <= depth <= num_heads:
+        raise ValueError(f"--num-draft must be between 0 and the number of heads ({num_heads}), got {depth}.")
+    heads_path = Path(heads_source)
+    default_stats = (heads_path if heads_path.is_dir() else heads_path.parent) / "eval" / RESULTS_NAME  # eval-heads' --out
+    if tree_stats is not None:
+        rank_accuracy, source = read_rank_accuracy(tree_stats), tree_stats
+    elif default_stats.is_file():
+        rank_accuracy, source = read_rank_accuracy(default_stats), str(default_stats)
+    else:
+        rank_accuracy, source = FALLBACK_RANK_ACCURACY, "built-in rates of SmolLM2's distilled heads"
+    tree = DraftTree.from_rank_accuracy(rank_accuracy, tree_size, depth)
+    logger.info("Draft tree from %s: %s", source, tree.describe())
+    return tree
+
+
 def run_generate_command(args: argparse.Namespace) -> int:
     """Handle `caft generate`: load, generate for every prompt, print the texts and the statistics."""
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts_file, args.prompt_field)
@@ -627,11 +837,12 @@ def run_generate_command(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"No heads/ folder inside {args.model_name_or_path}; pass the heads with --heads DIR.")
         heads_source = folder / "heads"
     heads = load_heads_for(model, heads_source)
+    tree = choose_tree(args.tree_size, args.tree_stats, heads_source, len(heads), args.num_draft, args.temperature)
 
     output_file = open(args.output, "w", encoding="utf-8") if args.output else None
     try:
         with prepacked_linears(model, heads) if args.prepacked_linears else contextlib.nullcontext():
-            total = _generate_all(args, prompts, model, heads, tokenizer, output_file)
+            total = _generate_all(args, prompts, model, heads, tokenizer, output_file, tree)
     finally:
         if output_file is not None:
             output_file.close()
@@ -639,7 +850,7 @@ def run_generate_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate_all(args, prompts: list[str], model, heads, tokenizer, output_file) -> SpeculativeStats:
+def _generate_all(args, prompts: list[str], model, heads, tokenizer, output_file, tree) -> SpeculativeStats:
     from transformers import TextStreamer
 
     total = SpeculativeStats()
@@ -653,6 +864,7 @@ def _generate_all(args, prompts: list[str], model, heads, tokenizer, output_file
         result = speculative_generate(
             model, heads, ids, max_new_tokens=args.max_new_tokens, num_draft=args.num_draft,
             temperature=args.temperature, seed=args.seed + index, head_cache=args.head_cache, on_tokens=on_tokens,
+            tree=tree,
         )
         text = tokenizer.decode(result.tokens, skip_special_tokens=True)
         if args.stream:

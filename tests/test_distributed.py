@@ -124,6 +124,10 @@ def run_worker(out_dir: Path, per_device_batch: int, accumulation: int) -> None:
             "logs": [entry for entry in trainer.state.log_history if "loss_head_0" in entry],
         }
         (out_dir / "summary.json").write_text(json.dumps(summary))
+    # As `caft` does at exit: an open gloo group aborted a worker at interpreter exit on a loaded machine.
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
 
 
 # The comparison --------------------------------------------------------------------------------------
