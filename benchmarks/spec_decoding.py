@@ -41,9 +41,11 @@ from caft.generate import (  # noqa: E402
     load_model_for_generation,
     prepacked_linears,
     speculative_generate,
+    write_tree_stats,
 )
 
 DEFAULT_QUESTIONS = str(shared_data_dir() / "gsm8k" / "test.jsonl")
+DEFAULT_CALIBRATION = str(shared_data_dir() / "gsm8k" / "train.jsonl")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,6 +64,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Draft tree sizes to run for each --num-draft; 0 is chain drafting (default: %(default)s).",
     )
     parser.add_argument("--tree-stats", help="eval_heads.json whose rank accuracies shape the trees (as caft generate).")
+    parser.add_argument(
+        "--calibration-questions", type=int, default=0,
+        help="Before timing, decode this many --calibration-data questions with a chain of all heads and shape the "
+        "trees from the rank rates measured there (overrides --tree-stats).",
+    )
+    parser.add_argument(
+        "--calibration-data", default=DEFAULT_CALIBRATION,
+        help="Questions for --calibration-questions, apart from the timed ones (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--calibration-start", type=int, default=1000,
+        help="Index of the first calibration question; the default skips the 500 GSM8K training questions that "
+        "experiments/distill_prompts.py gives the heads (default: %(default)s).",
+    )
     parser.add_argument(
         "--recompute-questions", type=int, default=0,
         help="Also run the first N questions with --no-head-cache (heads recompute their keys and values).",
@@ -198,6 +214,24 @@ def run_method(method: Method, model, heads, prompt: list[int], max_new_tokens: 
         return result.tokens, result.stats, wall, cpu
 
 
+def calibrate(args, model, heads, tokenizer, eos) -> str:
+    """Measure the heads' rank rates on calibration questions (chain drafting); return the file written."""
+    questions = read_questions(args.calibration_data, args.calibration_start + args.calibration_questions)
+    calibration = [encode_prompt(tokenizer, question) for question in questions[args.calibration_start :]]
+    if len(calibration) < args.calibration_questions:
+        raise ValueError(f"{args.calibration_data} has only {len(calibration)} questions after --calibration-start.")
+    total = SpeculativeStats()
+    with prepacked_linears(model, heads) if args.kernels != "default" else contextlib.nullcontext():
+        for prompt in calibration:
+            total = total.merge(speculative_generate(model, heads, prompt, max_new_tokens=args.max_new_tokens, eos_token_id=eos).stats)
+    path = str(Path(args.json_out or "spec_decoding.json").with_suffix(".tree_stats.json"))
+    source = f"chain drafting on questions {args.calibration_start}-{args.calibration_start + len(calibration) - 1} of {args.calibration_data}"
+    write_tree_stats(total, path, source)
+    rates = ", ".join(f"head {k}: {row[0]:.2f}/{row[1]:.2f}/{row[2]:.2f}" for k, row in enumerate(total.rank_accuracy(), start=1))
+    print(f"calibration on {len(calibration)} questions: rank 0/1/2 rates {rates}; written to {path}")
+    return path
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -207,6 +241,8 @@ def main(argv=None) -> int:
     eos = model.generation_config.eos_token_id
     questions = read_questions(args.data, args.questions)
     prompts = [encode_prompt(tokenizer, question) for question in questions]
+    if args.calibration_questions:
+        args.tree_stats = calibrate(args, model, heads, tokenizer, eos)
     methods = build_methods(args, len(heads), len(prompts))
     print(f"{len(prompts)} questions from {args.data}; model {args.model}; heads {args.heads} ({heads.config.num_heads} x "
           f"{heads.config.arch}); {args.dtype}; max_new_tokens {args.max_new_tokens}; batch size 1; torch threads "

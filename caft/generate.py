@@ -48,6 +48,10 @@ from .model import make_unembed, unwrap_causal_lm
 logger = logging.getLogger(__name__)
 
 
+RANK_SLOTS = 10
+"""Ranks counted by SpeculativeStats.rank_hits, as many as `caft eval-heads` reports."""
+
+
 @dataclass
 class SpeculativeStats:
     """Counters of one or more speculative generations. Times are wall-clock seconds."""
@@ -63,6 +67,8 @@ class SpeculativeStats:
     """Per head k (index k-1): steps in which draft k was checked, i.e. drafts 1..k-1 were accepted."""
     accepted: list[int] = field(default_factory=list)
     """Per head k: steps in which draft k was accepted."""
+    rank_hits: list[list[int]] = field(default_factory=list)
+    """Per head k and rank r < RANK_SLOTS: greedy steps reaching draft k whose model token was head k's rank-r token."""
     prefill_s: float = 0.0
     verify_s: float = 0.0
     heads_s: float = 0.0
@@ -81,6 +87,20 @@ class SpeculativeStats:
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.total_s if self.total_s > 0 else 0.0
 
+    def count_rank(self, head_index: int, head_logits: torch.Tensor, model_token: int) -> None:
+        """Count the rank of the model's token among head `head_index + 1`'s logits (0 = the head's best)."""
+        rank = int((head_logits > head_logits[model_token]).sum())
+        if rank < RANK_SLOTS:
+            self.rank_hits[head_index][rank] += 1
+
+    def rank_accuracy(self) -> list[list[float]]:
+        """Per head k: the share of steps reaching draft k whose model token was head k's rank-r token.
+
+        These are the rates of caft.draft_tree measured where they matter: at the steps where the
+        drafts before k were accepted. `caft generate --save-tree-stats` writes them.
+        """
+        return [[hits / reached if reached else 0.0 for hits in row] for row, reached in zip(self.rank_hits, self.reached)]
+
     def acceptance_by_head(self) -> list[float]:
         """Per head k: the fraction of checked drafts that were accepted (NaN when never checked)."""
         return [a / r if r else float("nan") for a, r in zip(self.accepted, self.reached)]
@@ -96,6 +116,13 @@ class SpeculativeStats:
             accepted_drafts=self.accepted_drafts + other.accepted_drafts,
             reached=[a + b for a, b in zip(pad(self.reached), pad(other.reached))],
             accepted=[a + b for a, b in zip(pad(self.accepted), pad(other.accepted))],
+            rank_hits=[
+                [a + b for a, b in zip(mine, theirs)]
+                for mine, theirs in zip(
+                    self.rank_hits + [[0] * RANK_SLOTS] * (size - len(self.rank_hits)),
+                    other.rank_hits + [[0] * RANK_SLOTS] * (size - len(other.rank_hits)),
+                )
+            ],
             prefill_s=self.prefill_s + other.prefill_s,
             verify_s=self.verify_s + other.verify_s,
             heads_s=self.heads_s + other.heads_s,
@@ -501,7 +528,10 @@ class _SpeculativeDecoding:
         self.head_cache = head_cache
         self.on_tokens = on_tokens
         self.tokens: list[int] = []
-        self.stats = SpeculativeStats(prompts=1, reached=[0] * num_draft, accepted=[0] * num_draft)
+        self.stats = SpeculativeStats(
+            prompts=1, reached=[0] * num_draft, accepted=[0] * num_draft,
+            rank_hits=[[0] * RANK_SLOTS for _ in range(num_draft)],
+        )
 
     def run(self, input_ids: torch.Tensor, capture: _LastLayerCapture) -> None:
         from transformers import DynamicCache
@@ -597,6 +627,7 @@ class _SpeculativeDecoding:
         while tree.tree.children[path[-1]]:
             depth = len(path) - 1
             self.stats.reached[depth] += 1
+            self.stats.count_rank(depth, head_logits[depth], choices[path[-1]])
             match = next((child for child in tree.tree.children[path[-1]] if tokens[child] == choices[path[-1]]), None)
             if match is None:
                 break
@@ -647,6 +678,8 @@ def _verify(chooser: _TokenChooser, drafts: list[int], logits: torch.Tensor, hea
     """Accept the longest agreeing prefix of drafts; return (accepted count, the model's next token)."""
     for index, draft in enumerate(drafts):
         stats.reached[index] += 1
+        if chooser.greedy:
+            stats.count_rank(index, head_logits[index], int(torch.argmax(logits[index])))
         accepted, replacement = chooser.accept(draft, logits[index], head_logits[index])
         if not accepted:
             return index, replacement
@@ -776,6 +809,11 @@ def register(subparsers) -> None:
         help="eval_heads.json of `caft eval-heads` whose rank accuracies shape the tree (default: <heads>/eval/"
         "eval_heads.json when present, else rates measured on SmolLM2's distilled heads).",
     )
+    parser.add_argument(
+        "--save-tree-stats",
+        help="Write the rank rates measured while generating (greedy only) to this JSON file, in the form --tree-stats "
+        "reads: a tree built from them fits the steps where drafts are actually checked.",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=256, help="Maximum new tokens per prompt (default: %(default)s).")
     parser.add_argument(
         "--chat-template", action=argparse.BooleanOptionalAction, default=True,
@@ -847,7 +885,23 @@ def run_generate_command(args: argparse.Namespace) -> int:
         if output_file is not None:
             output_file.close()
     print(f"\n{total.prompts} prompt(s): {total.summary()}")
+    if args.save_tree_stats:
+        if args.temperature != 0:
+            raise ValueError("--save-tree-stats measures greedy decoding; use it with --temperature 0.")
+        write_tree_stats(total, args.save_tree_stats, f"caft generate on {len(prompts)} prompt(s)")
+        print(f"tree stats: {args.save_tree_stats}")
     return 0
+
+
+def write_tree_stats(stats: SpeculativeStats, path: str | Path, source: str) -> None:
+    """Write `stats.rank_accuracy()` as an eval_heads.json-like file that `--tree-stats` reads."""
+    results = [
+        {"head": head, "rank_accuracy": rates, "steps": reached}
+        for head, (rates, reached) in enumerate(zip(stats.rank_accuracy(), stats.reached), start=1)
+    ]
+    if not results or not results[0]["steps"]:
+        raise ValueError("No draft was checked, so there are no rank rates to save; generate more tokens with heads.")
+    Path(path).write_text(json.dumps({"source": source, "heads_results": results}, indent=2) + "\n", encoding="utf-8")
 
 
 def _generate_all(args, prompts: list[str], model, heads, tokenizer, output_file, tree) -> SpeculativeStats:

@@ -18,7 +18,7 @@ from test_generate import (  # noqa: F401 (one_thread and tiny_model_folder are 
 from transformers import DynamicCache
 
 from caft.draft_tree import FALLBACK_RANK_ACCURACY, DraftTree, read_rank_accuracy
-from caft.generate import HeadDrafter, choose_tree, keep_cache_positions, speculative_generate
+from caft.generate import HeadDrafter, choose_tree, keep_cache_positions, speculative_generate, write_tree_stats
 from caft.heads import HeadsConfig, build_heads, find_decoder
 from caft.model import add_auxiliary_heads, make_unembed, run_heads
 
@@ -270,3 +270,45 @@ def test_cli_tree_and_chain_agree(tiny_model_folder, capsys, caplog, tmp_path):
     code = cli_main(["generate", "-model", str(folder), "--prompt", "hi", "--tree-size", "8", "--temperature", "0.5"])
     assert code == 2
     assert "--tree-size works with greedy decoding only" in capsys.readouterr().err
+
+
+# Rank rates measured while generating ------------------------------------------------------------
+
+
+def test_measured_rank_rates_follow_acceptance(tmp_path):
+    """In greedy chain drafting a draft is accepted exactly when the model's token is the head's best one."""
+    model = tiny_model("llama", seed=3)
+    torch.manual_seed(3)
+    heads = build_heads(model, HeadsConfig(num_heads=3)).eval()
+    prompt = torch.randint(0, 64, (1, 7))
+    stats = speculative_generate(model, heads, prompt, max_new_tokens=40, eos_token_id=[]).stats
+
+    for k in range(3):
+        assert stats.rank_hits[k][0] == stats.accepted[k]
+        assert sum(stats.rank_hits[k]) <= stats.reached[k]
+    assert sum(stats.rank_hits[0][1:]) > 0  # some rejected drafts had the model's token at a lower rank
+    merged = stats.merge(stats)
+    assert merged.rank_hits[0] == [2 * hits for hits in stats.rank_hits[0]]
+
+    path = tmp_path / "tree_stats.json"
+    write_tree_stats(stats, path, "test")
+    rates = read_rank_accuracy(path)
+    assert rates[0][0] == pytest.approx(stats.accepted[0] / stats.reached[0])
+    assert choose_tree(4, str(path), tmp_path, 3, None, 0.0) == DraftTree.from_rank_accuracy(rates, 4, 3)
+
+
+def test_cli_saves_tree_stats(tiny_model_folder, tmp_path, capsys):
+    from caft.cli import main as cli_main
+
+    folder, _, heads = tiny_model_folder
+    path = tmp_path / "tree_stats.json"
+    code = cli_main(["generate", "-model", str(folder), "--prompt", "Hello", "--max-new-tokens", "12", "--tree-size", "0",
+                     "--save-tree-stats", str(path)])
+    assert code == 0
+    assert len(read_rank_accuracy(path)) == len(heads)
+    assert json.loads(path.read_text())["heads_results"][0]["steps"] > 0
+
+    code = cli_main(["generate", "-model", str(folder), "--prompt", "Hello", "--temperature", "0.5",
+                     "--save-tree-stats", str(path)])
+    assert code == 2
+    assert "--save-tree-stats measures greedy decoding" in capsys.readouterr().err
