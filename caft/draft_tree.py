@@ -8,8 +8,8 @@ ancestors, as in Medusa (Cai et al. 2024).
 
 A node is written as the tuple of candidate ranks along its path from the root: `(0,)` is head 1's
 best token, `(1,)` its second best, `(0, 2)` head 2's third best token after head 1's best. The
-root is the model's own next token. The tokens of a node depend only on its depth and rank, since
-every head drafts from the same state; the tree decides which combinations are worth checking.
+root is the model's own next token. Every head drafts from the same state, so a node's token
+depends only on its depth and rank. The tree decides which combinations are worth checking.
 
 `DraftTree.from_rank_accuracy` picks the `size` nodes with the highest chance of acceptance,
 estimating the chance of a node as the product over its path of "head d's rank-r candidate is the
@@ -26,19 +26,19 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_TREE_SIZE = 16
-"""Nodes below the root in the default tree; chosen by benchmarks/spec_decoding.py (docs/benchmarks.md)."""
+DEFAULT_TREE_SIZE = 8
+"""Nodes below the root in the default tree: the fastest of 8, 16 and 32 on CPU in docs/benchmarks.md."""
 
 FALLBACK_RANK_ACCURACY = [
-    [0.45, 0.11, 0.05, 0.03, 0.02, 0.01],
-    [0.29, 0.09, 0.05, 0.03, 0.02, 0.01],
-    [0.21, 0.08, 0.04, 0.03, 0.02, 0.01],
-    [0.17, 0.07, 0.04, 0.03, 0.02, 0.01],
+    [0.42, 0.12, 0.06, 0.04, 0.03, 0.03],
+    [0.27, 0.10, 0.06, 0.04, 0.03, 0.03],
+    [0.20, 0.09, 0.06, 0.04, 0.03, 0.03],
+    [0.17, 0.08, 0.05, 0.04, 0.03, 0.03],
 ]
 """Rate at which head d's rank-r candidate is the right token, used when no eval-heads results are found.
 
-Rounded from `caft eval-heads` on the distilled SmolLM2-135M-Instruct heads of docs/results.md;
-deeper heads repeat the last row.
+Rounded from `caft eval-heads` on the held-out distilled replies, for the distilled
+SmolLM2-135M-Instruct heads of docs/benchmarks.md. Deeper heads repeat the last row.
 """
 
 
@@ -98,7 +98,7 @@ class DraftTree:
 
     @classmethod
     def from_rank_accuracy(cls, rank_accuracy: list[list[float]], size: int, max_depth: int) -> DraftTree:
-        """Pick the `size` nodes of depth <= `max_depth` with the highest product of rank accuracies.
+        """Build the tree of the `size` nodes of depth <= `max_depth` with the highest product of rank accuracies.
 
         `rank_accuracy[d][r]` is the rate at which head d+1's rank-r candidate is the right token;
         heads beyond the list repeat its last row. Products shrink along a path, so the chosen
@@ -161,7 +161,11 @@ def read_rank_accuracy(path: str | Path) -> list[list[float]]:
     results = report.get("heads_results") if isinstance(report, dict) else None
     if not isinstance(results, list):
         raise ValueError(f"{path}: no 'heads_results' list; pass the eval_heads.json that `caft eval-heads` writes.")
-    rows = [result.get("rank_accuracy") for result in results if isinstance(result, dict) and result.get("head", 0) > 0]
+    rows = [
+        result.get("rank_accuracy")
+        for result in results
+        if isinstance(result, dict) and isinstance(result.get("head"), int) and result["head"] > 0
+    ]
     if not rows or any(not isinstance(row, list) or not row for row in rows):
         raise ValueError(
             f"{path}: the heads results have no 'rank_accuracy' lists; the file was written by an older caft. "

@@ -337,7 +337,10 @@ def _path_kwargs(kwargs: dict, index: torch.Tensor, past: int, dtype: torch.dtyp
 
 
 def causal_block_mask(length: int, past: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """(1, 1, length, past + length) additive mask: every new position sees the past and the new positions up to itself."""
+    """Return a (1, 1, length, past + length) additive mask.
+
+    Each new position attends to the past and to the new positions up to itself.
+    """
     mask = torch.zeros(1, 1, length, past + length, dtype=dtype, device=device)
     mask[0, 0, :, past:] = torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)
     return mask
@@ -603,7 +606,7 @@ class _SpeculativeDecoding:
         return self.tokens[-1] in self.eos_ids or len(self.tokens) == self.max_new_tokens
 
     def _tree_step(self, capture, next_token: int, head_logits: list[torch.Tensor]) -> tuple[int | None, list[torch.Tensor]]:
-        """Like `_step`, with a tree of candidates: walk down the tree while a child holds the model's choice."""
+        """Run `_step` with a tree of candidates: walk down the tree while a child contains the model's token."""
         remaining = self._commit_next(next_token)
         if remaining == 0:
             return None, []

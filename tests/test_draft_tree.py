@@ -17,7 +17,7 @@ from test_generate import (  # noqa: F401 (one_thread and tiny_model_folder are 
 )
 from transformers import DynamicCache
 
-from caft.draft_tree import FALLBACK_RANK_ACCURACY, DraftTree, read_rank_accuracy
+from caft.draft_tree import DEFAULT_TREE_SIZE, FALLBACK_RANK_ACCURACY, DraftTree, read_rank_accuracy
 from caft.generate import HeadDrafter, choose_tree, keep_cache_positions, speculative_generate, write_tree_stats
 from caft.heads import HeadsConfig, build_heads, find_decoder
 from caft.model import add_auxiliary_heads, make_unembed, run_heads
@@ -224,7 +224,7 @@ def test_choose_tree(tmp_path):
     heads_dir = tmp_path / "heads"
     (heads_dir / "eval").mkdir(parents=True)
     # No stats: the built-in rates; sampling: chain drafting unless asked otherwise.
-    assert choose_tree(None, None, heads_dir, 4, None, 0.0) == DraftTree.from_rank_accuracy(FALLBACK_RANK_ACCURACY, 16, 4)
+    assert choose_tree(None, None, heads_dir, 4, None, 0.0) == DraftTree.from_rank_accuracy(FALLBACK_RANK_ACCURACY, DEFAULT_TREE_SIZE, 4)
     assert choose_tree(None, None, heads_dir, 4, None, 0.8) is None
     assert choose_tree(0, None, heads_dir, 4, None, 0.0) is None
     with pytest.raises(ValueError, match="greedy decoding only"):
