@@ -127,7 +127,8 @@ def run_worker(out_dir: Path, per_device_batch: int, accumulation: int) -> None:
     # As `caft` does at exit: an open gloo group aborted a worker at interpreter exit on a loaded machine.
     import torch.distributed as dist
 
-    dist.destroy_process_group()
+    if dist.is_initialized():  # not in the one-process reference run
+        dist.destroy_process_group()
 
 
 # The comparison --------------------------------------------------------------------------------------
