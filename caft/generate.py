@@ -41,15 +41,11 @@ import torch
 from torch import nn
 
 from .draft_tree import DEFAULT_TREE_SIZE, FALLBACK_RANK_ACCURACY, DraftTree, read_rank_accuracy
-from .eval_heads import RESULTS_NAME
+from .eval_heads import RANKS, RESULTS_NAME
 from .heads import AuxiliaryHeads, build_heads, find_decoder_layers, find_final_norm, load_heads_state, read_heads_file
 from .model import make_unembed, unwrap_causal_lm
 
 logger = logging.getLogger(__name__)
-
-
-RANK_SLOTS = 10
-"""Ranks counted by SpeculativeStats.rank_hits, as many as `caft eval-heads` reports."""
 
 
 @dataclass
@@ -68,7 +64,7 @@ class SpeculativeStats:
     accepted: list[int] = field(default_factory=list)
     """Per head k: steps in which draft k was accepted."""
     rank_hits: list[list[int]] = field(default_factory=list)
-    """Per head k and rank r < RANK_SLOTS: greedy steps reaching draft k whose model token was head k's rank-r token."""
+    """Per head k and rank r < RANKS: greedy steps reaching draft k whose model token was head k's rank-r token."""
     prefill_s: float = 0.0
     verify_s: float = 0.0
     heads_s: float = 0.0
@@ -90,7 +86,7 @@ class SpeculativeStats:
     def count_rank(self, head_index: int, head_logits: torch.Tensor, model_token: int) -> None:
         """Count the rank of the model's token among head `head_index + 1`'s logits (0 = the head's best)."""
         rank = int((head_logits > head_logits[model_token]).sum())
-        if rank < RANK_SLOTS:
+        if rank < RANKS:
             self.rank_hits[head_index][rank] += 1
 
     def rank_accuracy(self) -> list[list[float]]:
@@ -107,7 +103,7 @@ class SpeculativeStats:
 
     def merge(self, other: SpeculativeStats) -> SpeculativeStats:
         size = max(len(self.reached), len(other.reached))
-        pad = lambda values: values + [0] * (size - len(values))  # noqa: E731
+        pad = lambda values, fill=0: values + [fill] * (size - len(values))  # noqa: E731
         return SpeculativeStats(
             prompts=self.prompts + other.prompts,
             new_tokens=self.new_tokens + other.new_tokens,
@@ -118,10 +114,7 @@ class SpeculativeStats:
             accepted=[a + b for a, b in zip(pad(self.accepted), pad(other.accepted))],
             rank_hits=[
                 [a + b for a, b in zip(mine, theirs)]
-                for mine, theirs in zip(
-                    self.rank_hits + [[0] * RANK_SLOTS] * (size - len(self.rank_hits)),
-                    other.rank_hits + [[0] * RANK_SLOTS] * (size - len(other.rank_hits)),
-                )
+                for mine, theirs in zip(pad(self.rank_hits, [0] * RANKS), pad(other.rank_hits, [0] * RANKS))
             ],
             prefill_s=self.prefill_s + other.prefill_s,
             verify_s=self.verify_s + other.verify_s,
@@ -247,16 +240,7 @@ class HeadDrafter:
         if self.config.wiring == "reference":
             layer_hidden = capture.final_hidden
         index = row % layer_hidden.shape[1]
-        to_remove = layer_hidden.shape[1] - 1 - index
-        if not self.use_cache:
-            self.caches = [self._new_caches(head) for head in self.heads]
-            for old_hidden, old_args, old_kwargs, old_remove in self.history:
-                self._run_layers(old_hidden, old_args, old_kwargs, old_remove)
-            self.history.append((layer_hidden, args, kwargs, to_remove))
-        outputs = [output[:, index : index + 1] for output in self._run_layers(layer_hidden, args, kwargs, to_remove)]
-        if self.config.wiring != "reference":
-            outputs = [self.norm(output) for output in outputs]
-        return self._unembed(outputs)
+        return self._layer_logits(layer_hidden, args, kwargs, index)
 
     def draft_logits_path(self, capture: _LastLayerCapture, path: list[int], past: int) -> list[torch.Tensor]:
         """Return each head's logits (V,) after the tree nodes `path` (block positions) that the model accepted.
@@ -272,14 +256,18 @@ class HeadDrafter:
             layer_hidden = capture.final_hidden
         index = torch.tensor(path, dtype=torch.long, device=layer_hidden.device)
         layer_hidden = layer_hidden.index_select(1, index)
-        args, kwargs = (), _path_kwargs(_named_arguments(self.heads[0].layers[0], args, kwargs), index, past,
-                                        layer_hidden.dtype)
+        kwargs = _path_kwargs(_named_arguments(self.heads[0].layers[0], args, kwargs), index, past, layer_hidden.dtype)
+        return self._layer_logits(layer_hidden, (), kwargs, len(path) - 1)
+
+    def _layer_logits(self, layer_hidden: torch.Tensor, args: tuple, kwargs: dict, index: int) -> list[torch.Tensor]:
+        """Run the head layers over `layer_hidden`, keep their caches up to `index` and return the logits there."""
+        to_remove = layer_hidden.shape[1] - 1 - index
         if not self.use_cache:
             self.caches = [self._new_caches(head) for head in self.heads]
             for old_hidden, old_args, old_kwargs, old_remove in self.history:
                 self._run_layers(old_hidden, old_args, old_kwargs, old_remove)
-            self.history.append((layer_hidden, args, kwargs, 0))
-        outputs = [output[:, -1:] for output in self._run_layers(layer_hidden, args, kwargs, 0)]
+            self.history.append((layer_hidden, args, kwargs, to_remove))
+        outputs = [output[:, index : index + 1] for output in self._run_layers(layer_hidden, args, kwargs, to_remove)]
         if self.config.wiring != "reference":
             outputs = [self.norm(output) for output in outputs]
         return self._unembed(outputs)
@@ -325,8 +313,11 @@ def _path_kwargs(kwargs: dict, index: torch.Tensor, past: int, dtype: torch.dtyp
             value = tuple(part.index_select(1, index) for part in value)
         elif name == "attention_mask":
             value = causal_block_mask(index.numel(), past, dtype, index.device)
-        elif name in ("position_ids", "cache_position") and isinstance(value, torch.Tensor):
+        elif name == "position_ids" and isinstance(value, torch.Tensor):
             value = value.index_select(value.dim() - 1, index)
+        elif name == "cache_position" and isinstance(value, torch.Tensor):
+            # Cache slots, not token positions: the path fills the slots right after the past.
+            value = torch.arange(past, past + index.numel(), dtype=value.dtype, device=value.device)
         elif isinstance(value, torch.Tensor) and not isinstance(value, Cache):
             raise ValueError(
                 f"Tree drafting does not know how to follow the last decoder layer's argument {name!r} along a path; "
@@ -533,17 +524,18 @@ class _SpeculativeDecoding:
         self.tokens: list[int] = []
         self.stats = SpeculativeStats(
             prompts=1, reached=[0] * num_draft, accepted=[0] * num_draft,
-            rank_hits=[[0] * RANK_SLOTS for _ in range(num_draft)],
+            rank_hits=[[0] * RANKS for _ in range(num_draft)],
         )
 
     def run(self, input_ids: torch.Tensor, capture: _LastLayerCapture) -> None:
         from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
 
         start = time.perf_counter()
         self.device = input_ids.device
         self.drafter = HeadDrafter(self.model, self.heads, self.num_draft, use_cache=self.head_cache)
         self.cache = DynamicCache(config=self.model.config)
-        if self.tree is not None and any(type(layer).__name__ != "DynamicLayer" for layer in self.cache.layers):
+        if self.tree is not None and any(type(layer) is not DynamicLayer for layer in self.cache.layers):
             raise ValueError(
                 f"Tree drafting needs a KV cache of full-attention layers; {type(self.model).__name__} uses "
                 "sliding-window or other layers. Use chain drafting (--tree-size 0)."
@@ -870,6 +862,8 @@ def choose_tree(tree_size: int | None, tree_stats: str | None, heads_source, num
 
 def run_generate_command(args: argparse.Namespace) -> int:
     """Handle `caft generate`: load, generate for every prompt, print the texts and the statistics."""
+    if args.save_tree_stats and args.temperature != 0:
+        raise ValueError("--save-tree-stats measures greedy decoding; use it with --temperature 0.")
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts_file, args.prompt_field)
     model, tokenizer, folder = load_model_for_generation(args.model_name_or_path, args.dtype)
     heads_source = args.heads
@@ -889,8 +883,6 @@ def run_generate_command(args: argparse.Namespace) -> int:
             output_file.close()
     print(f"\n{total.prompts} prompt(s): {total.summary()}")
     if args.save_tree_stats:
-        if args.temperature != 0:
-            raise ValueError("--save-tree-stats measures greedy decoding; use it with --temperature 0.")
         write_tree_stats(total, args.save_tree_stats, f"caft generate on {len(prompts)} prompt(s)")
         print(f"tree stats: {args.save_tree_stats}")
     return 0

@@ -194,9 +194,9 @@ def test_kept_path_cache_equals_forward():
         expected = DynamicCache(config=model.config)
         model(input_ids=torch.tensor([prompt + [block[node] for node in path]]), cache=expected, use_cache=True)
     assert cache.get_seq_length() == expected.get_seq_length() == 8
-    for layer, wanted in zip(cache.layers, expected.layers):
-        torch.testing.assert_close(layer.keys, wanted.keys, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(layer.values, wanted.values, atol=1e-5, rtol=1e-5)
+    for layer, expected_layer in zip(cache.layers, expected.layers):
+        torch.testing.assert_close(layer.keys, expected_layer.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.values, expected_layer.values, atol=1e-5, rtol=1e-5)
 
 
 # Options -----------------------------------------------------------------------------------------

@@ -105,7 +105,8 @@ def test_top5_is_at_least_top1(model_with_heads, rows, smol_tokenizer):
         assert 0 <= result["top1"] <= result["top5"] <= 1
         # Rank r's share of targets: rank 0 is top-1 and ranks 0-4 make up top-5 (float logits, no ties).
         ranks = result["rank_accuracy"]
-        assert len(ranks) == 10 and sum(ranks) <= 1 + 1e-9
+        assert len(ranks) == 10
+        assert sum(ranks) <= 1 + 1e-9
         assert ranks[0] == pytest.approx(result["top1"])
         assert sum(ranks[:5]) == pytest.approx(result["top5"])
     table = format_results(results)
