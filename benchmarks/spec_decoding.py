@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from caft.assets import shared_data_dir  # noqa: E402
 from caft.draft_tree import DEFAULT_TREE_SIZE  # noqa: E402
 from caft.generate import (  # noqa: E402
+    DEFAULT_DRAFT_VOCAB,
     SpeculativeStats,
     choose_tree,
     encode_prompt,
@@ -43,6 +44,7 @@ from caft.generate import (  # noqa: E402
     speculative_generate,
     write_tree_stats,
 )
+from caft.lookup import DEFAULT_LOOKUP_TOKENS  # noqa: E402
 
 DEFAULT_QUESTIONS = str(shared_data_dir() / "gsm8k" / "test.jsonl")
 DEFAULT_CALIBRATION = str(shared_data_dir() / "gsm8k" / "train.jsonl")
@@ -62,6 +64,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--tree-size", type=int, nargs="+", default=[0, DEFAULT_TREE_SIZE],
         help="Draft tree sizes to run for each --num-draft; 0 is chain drafting (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--lookup-tokens", type=int, nargs="+", default=[0, DEFAULT_LOOKUP_TOKENS],
+        help="Prompt lookup branch lengths to run for each tree; 0 is none (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--draft-vocab", type=int, nargs="+", default=[DEFAULT_DRAFT_VOCAB],
+        help="Draft vocabulary sizes to run for each tree and lookup length; 0 is the whole vocabulary "
+        "(default: %(default)s).",
     )
     parser.add_argument("--tree-stats", help="eval_heads.json whose rank accuracies shape the trees (as caft generate).")
     parser.add_argument(
@@ -175,6 +186,10 @@ class Method:
     """None for plain `model.generate`."""
     tree: object = None
     """A caft.draft_tree.DraftTree, or None for chain drafting."""
+    lookup_tokens: int = 0
+    """Tokens of the prompt lookup branch per step (0: none)."""
+    draft_vocab: int = 0
+    """The heads draft token ids below this (0: the whole vocabulary)."""
     prepacked: bool = False
     head_cache: bool = True
     count: int = 0
@@ -192,11 +207,16 @@ def build_methods(args, num_heads: int, count: int) -> list[Method]:
             for tree_size in args.tree_size:
                 tree = choose_tree(tree_size, args.tree_stats, args.heads, num_heads, num_draft, 0.0)
                 shape = f"tree of {tree_size}" if tree is not None else "chain"
-                methods.append(Method(f"speculative, {num_draft} drafts, {shape}{suffix}", num_draft, tree, prepacked, count=count))
+                for lookup in args.lookup_tokens:
+                    for draft_vocab in args.draft_vocab:
+                        name = (f"speculative, {num_draft} drafts, {shape}" + (f", lookup {lookup}" if lookup else "")
+                                + (f", draft vocab {draft_vocab}" if draft_vocab else "") + suffix)
+                        methods.append(Method(name, num_draft, tree, lookup, draft_vocab, prepacked, count=count))
     if args.recompute_questions:
         last = methods[-1]
         methods.append(
-            Method(f"{last.name}, no head cache", last.num_draft, last.tree, last.prepacked, False, args.recompute_questions)
+            Method(f"{last.name}, no head cache", last.num_draft, last.tree, last.lookup_tokens, last.draft_vocab,
+                   last.prepacked, False, args.recompute_questions)
         )
     return methods
 
@@ -209,7 +229,8 @@ def run_method(method: Method, model, heads, prompt: list[int], max_new_tokens: 
             return tokens, None, wall, cpu
         result, wall, cpu = timed(
             speculative_generate, model, heads, prompt, max_new_tokens=max_new_tokens, num_draft=method.num_draft,
-            head_cache=method.head_cache, tree=method.tree,
+            head_cache=method.head_cache, tree=method.tree, lookup_tokens=method.lookup_tokens,
+            draft_vocab=method.draft_vocab,
         )
         return result.tokens, result.stats, wall, cpu
 
@@ -302,10 +323,15 @@ def main(argv=None) -> int:
             results["methods"][method.name].update(
                 tokens_per_forward=stats.tokens_per_forward, acceptance_by_head=stats.acceptance_by_head(),
                 prefill_s=stats.prefill_s, verify_s=stats.verify_s, heads_s=stats.heads_s, steps=stats.steps,
+                mean_block=stats.mean_block, lookup_steps=stats.lookup_steps, lookup_drafted=stats.lookup_drafted,
+                lookup_accepted=stats.lookup_accepted,
             )
 
     context = len(prompts[0]) + 150
-    block_sizes = sorted({1} | {(len(method.tree) if method.tree is not None else method.num_draft or 0) + 1 for method in methods})
+    # A lookup branch adds up to lookup_tokens nodes; the largest block is timed.
+    block_sizes = sorted({1} | {
+        (len(method.tree) if method.tree is not None else method.num_draft or 0) + method.lookup_tokens + 1 for method in methods
+    })
     for prepacked in sorted({method.prepacked for method in methods}):
         with prepacked_linears(model, heads) if prepacked else contextlib.nullcontext():
             timings = time_block_forwards(model, prompts[0], context, block_sizes)

@@ -138,17 +138,50 @@ class DraftTree:
 
     def ancestor_mask(self) -> torch.Tensor:
         """Return an (N+1, N+1) bool tensor whose entry [i, j] is True when node j is node i or one of its ancestors."""
-        size = len(self.parents)
-        mask = torch.zeros(size, size, dtype=torch.bool)
-        for node in range(size):
-            mask[node, node] = True
-            if node:
-                mask[node] |= mask[self.parents[node]]
-        return mask
+        return ancestor_mask(self.parents)
 
     def describe(self) -> str:
         per_depth = [sum(1 for node in self.nodes if len(node) == depth) for depth in range(1, self.depth + 1)]
         return f"{len(self)} nodes, depth {self.depth}, nodes per depth {per_depth}, candidates per head {self.widths}"
+
+
+def ancestor_mask(parents: list[int]) -> torch.Tensor:
+    """Return the (M, M) bool tensor whose entry [i, j] is True when node j is node i or an ancestor of it.
+
+    `parents[i]` is node i's parent (-1 for the root at index 0); every parent comes before its children.
+    """
+    size = len(parents)
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    for node in range(size):
+        mask[node, node] = True
+        if node:
+            mask[node] |= mask[parents[node]]
+    return mask
+
+
+def attach_chain(parents: list[int], children: list[list[int]], tokens: list[int], chain: list[int]):
+    """Add the token sequence `chain` below the root of a tree of tokens; return (parents, children, tokens, first new node).
+
+    The chain follows existing nodes while one contains its next token, so a candidate that the tree
+    already verifies is not added twice. The rest of the chain becomes new nodes appended after
+    the existing ones, each the child of the one before. The inputs are left unchanged; when
+    nothing is new, the first new node equals the number of nodes.
+    """
+    parents, children, tokens = list(parents), [list(kids) for kids in children], list(tokens)
+    first_new = len(parents)
+    node = 0
+    for position, token in enumerate(chain):
+        match = next((child for child in children[node] if tokens[child] == token), None)
+        if match is None:
+            for token in chain[position:]:
+                parents.append(node)
+                children.append([])
+                tokens.append(token)
+                children[node].append(len(parents) - 1)
+                node = len(parents) - 1
+            break
+        node = match
+    return parents, children, tokens, first_new
 
 
 def read_rank_accuracy(path: str | Path) -> list[list[float]]:

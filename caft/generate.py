@@ -16,6 +16,9 @@ distribution: draft d is accepted with probability min(1, p(d) / q(d)), and afte
 the token is drawn from max(0, p - q) normalised. The tokens then follow the model's own
 temperature-scaled distribution (no top-k or top-p).
 
+With greedy decoding, the drafts can also form a tree (caft/draft_tree.py): several candidates
+per head, plus a branch from prompt lookup (caft/lookup.py), all verified in one forward pass.
+
 Transformer heads are attention layers that need keys and values for every earlier position.
 Each head layer keeps its own KV cache (`head_cache=True`, the default) or recomputes them from
 the stored last-layer inputs at every step (`head_cache=False`, slower, kept for comparison).
@@ -40,12 +43,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .draft_tree import DEFAULT_TREE_SIZE, FALLBACK_RANK_ACCURACY, DraftTree, read_rank_accuracy
+from .draft_tree import DEFAULT_TREE_SIZE, FALLBACK_RANK_ACCURACY, DraftTree, ancestor_mask, attach_chain, read_rank_accuracy
 from .eval_heads import RANKS, RESULTS_NAME
 from .heads import AuxiliaryHeads, build_heads, find_decoder_layers, find_final_norm, load_heads_state, read_heads_file
+from .lookup import DEFAULT_LOOKUP_TOKENS, NgramLookup
 from .model import make_unembed, unwrap_causal_lm
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_DRAFT_VOCAB = 16384
+"""Token ids the heads draft from in `caft generate` (0: all).
+
+BPE vocabularies number their tokens from the most frequent merges on, so the low ids cover most
+text. With 16,384 ids, the heads' unembedding reads a third of SmolLM2's 49,152-row matrix per step.
+"""
 
 
 @dataclass
@@ -59,12 +70,20 @@ class SpeculativeStats:
     steps: int = 0
     """Verification steps (forward passes over a block of proposed tokens)."""
     accepted_drafts: int = 0
+    block_tokens: int = 0
+    """Tokens fed to the verification forwards: the model's token plus every draft or tree node."""
     reached: list[int] = field(default_factory=list)
     """Per head k (index k-1): steps in which draft k was checked, i.e. drafts 1..k-1 were accepted."""
     accepted: list[int] = field(default_factory=list)
     """Per head k: steps in which draft k was accepted."""
     rank_hits: list[list[int]] = field(default_factory=list)
     """Per head k and rank r < RANKS: greedy steps reaching draft k whose model token was head k's rank-r token."""
+    lookup_steps: int = 0
+    """Steps in which prompt lookup proposed tokens (caft/lookup.py)."""
+    lookup_drafted: int = 0
+    """Tokens proposed by prompt lookup that the heads' tree did not already hold."""
+    lookup_accepted: int = 0
+    """Accepted tokens that only prompt lookup had proposed."""
     prefill_s: float = 0.0
     verify_s: float = 0.0
     heads_s: float = 0.0
@@ -80,11 +99,18 @@ class SpeculativeStats:
         return self.accepted_drafts / max(self.steps, 1)
 
     @property
+    def mean_block(self) -> float:
+        """Mean tokens per verification forward."""
+        return self.block_tokens / max(self.steps, 1)
+
+    @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.total_s if self.total_s > 0 else 0.0
 
     def count_rank(self, head_index: int, head_logits: torch.Tensor, model_token: int) -> None:
         """Count the rank of the model's token among head `head_index + 1`'s logits (0 = the head's best)."""
+        if head_logits[model_token] == float("-inf"):
+            return  # outside the draft vocabulary: the head could not have drafted it
         rank = int((head_logits > head_logits[model_token]).sum())
         if rank < RANKS:
             self.rank_hits[head_index][rank] += 1
@@ -110,12 +136,16 @@ class SpeculativeStats:
             forwards=self.forwards + other.forwards,
             steps=self.steps + other.steps,
             accepted_drafts=self.accepted_drafts + other.accepted_drafts,
+            block_tokens=self.block_tokens + other.block_tokens,
             reached=[a + b for a, b in zip(pad(self.reached), pad(other.reached))],
             accepted=[a + b for a, b in zip(pad(self.accepted), pad(other.accepted))],
             rank_hits=[
                 [a + b for a, b in zip(mine, theirs)]
                 for mine, theirs in zip(pad(self.rank_hits, [0] * RANKS), pad(other.rank_hits, [0] * RANKS))
             ],
+            lookup_steps=self.lookup_steps + other.lookup_steps,
+            lookup_drafted=self.lookup_drafted + other.lookup_drafted,
+            lookup_accepted=self.lookup_accepted + other.lookup_accepted,
             prefill_s=self.prefill_s + other.prefill_s,
             verify_s=self.verify_s + other.verify_s,
             heads_s=self.heads_s + other.heads_s,
@@ -124,10 +154,16 @@ class SpeculativeStats:
 
     def summary(self) -> str:
         rates = ", ".join(f"head {k}: {rate:.2f}" for k, rate in enumerate(self.acceptance_by_head(), start=1))
+        lookup = ""
+        if self.lookup_steps:
+            lookup = (
+                f"prompt lookup proposed new tokens in {self.lookup_steps} steps, {self.lookup_accepted} of its "
+                f"{self.lookup_drafted} tokens accepted; "
+            )
         return (
             f"{self.new_tokens} new tokens in {self.total_s:.2f} s ({self.tokens_per_s:.1f} tokens/s); "
             f"{self.tokens_per_forward:.2f} tokens per model forward, {self.mean_accepted_drafts:.2f} accepted drafts "
-            f"per step over {self.steps} steps; acceptance by head ({rates or 'no drafts'}); "
+            f"per step over {self.steps} steps (blocks of {self.mean_block:.1f} tokens); acceptance by head ({rates or 'no drafts'}); {lookup}"
             f"time: prefill {self.prefill_s:.2f} s, verification {self.verify_s:.2f} s, heads {self.heads_s:.2f} s"
         )
 
@@ -211,10 +247,16 @@ class HeadDrafter:
     the model's cache. A copied layer keeps the last layer's `layer_idx`, so one cache per head
     layer avoids collisions. Without `use_cache`, the inputs of every earlier block are stored
     and replayed through fresh caches at each step (the recomputation baseline).
+
+    With `draft_vocab` N, the heads' logits are computed for token ids below N only and the others
+    get -inf, so the heads never draft them. Only the model decides what is accepted, so this
+    changes speed, never the output.
     """
 
-    def __init__(self, model: nn.Module, heads: AuxiliaryHeads, num_draft: int, use_cache: bool = True):
+    def __init__(self, model: nn.Module, heads: AuxiliaryHeads, num_draft: int, use_cache: bool = True,
+                 draft_vocab: int | None = None):
         self.model = model
+        self.draft_vocab = draft_vocab
         self.config = heads.config
         self.heads = list(heads.heads)[:num_draft]
         self.norm = find_final_norm(model)
@@ -275,11 +317,24 @@ class HeadDrafter:
     def _unembed(self, hidden_states: list[torch.Tensor]) -> list[torch.Tensor]:
         """Map each head's (1, 1, H) state to logits (V,); heads sharing lm_head go through it in one matmul."""
         if self.config.separate_unembed:
-            return [unembed(hidden)[0, -1] for hidden, unembed in zip(hidden_states, self.unembeds)]
+            return [self._draft_logits(unembed, hidden)[0, -1] for hidden, unembed in zip(hidden_states, self.unembeds)]
         if not hidden_states:
             return []
         # One (1, n, H) x (H, V) product reads the unembedding weight once instead of n times.
-        return list(self.shared_unembed(torch.cat(hidden_states, dim=1))[0])
+        return list(self._draft_logits(self.shared_unembed, torch.cat(hidden_states, dim=1))[0])
+
+    def _draft_logits(self, unembed, hidden: torch.Tensor) -> torch.Tensor:
+        """Return unembed(hidden), computed over the draft vocabulary only when one is set and lm_head is a plain Linear."""
+        module = unembed.module
+        if not self.draft_vocab or type(module) is not nn.Linear or self.draft_vocab >= module.out_features:
+            return unembed(hidden)
+        rows = slice(0, self.draft_vocab)
+        logits = nn.functional.linear(hidden, module.weight[rows], None if module.bias is None else module.bias[rows])
+        if unembed.softcap:
+            logits = torch.tanh(logits / unembed.softcap) * unembed.softcap
+        full = logits.new_full((*logits.shape[:-1], module.out_features), float("-inf"))
+        full[..., rows] = logits
+        return full
 
     def _run_layers(self, hidden: torch.Tensor, args: tuple, kwargs: dict, to_remove: int) -> list[torch.Tensor]:
         outputs = []
@@ -444,6 +499,8 @@ def speculative_generate(
     head_cache: bool = True,
     on_tokens: Callable[[list[int]], None] | None = None,
     tree: DraftTree | None = None,
+    lookup_tokens: int = 0,
+    draft_vocab: int | None = None,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens after `input_ids` (one prompt), drafting with heads 1..num_draft.
 
@@ -455,8 +512,20 @@ def speculative_generate(
 
     With a `tree` (see caft/draft_tree.py), each step verifies several candidates per head at once
     and `num_draft`, when given, must be at least the tree's depth. Trees are for greedy decoding only.
+    `lookup_tokens > 0` adds a branch of up to that many tokens from prompt lookup (caft/lookup.py)
+    to the tree, or to a chain of the heads' best tokens without a tree; greedy decoding only.
+    `draft_vocab` N lets the heads draft token ids below N only (see HeadDrafter); None or 0 is the whole vocabulary.
     """
     model = unwrap_causal_lm(model)
+    if draft_vocab is not None and draft_vocab < 0:
+        raise ValueError(f"draft_vocab must be >= 0 (0 is the whole vocabulary), got {draft_vocab}.")
+    if lookup_tokens < 0:
+        raise ValueError(f"lookup_tokens must be >= 0 (0 turns prompt lookup off), got {lookup_tokens}.")
+    if lookup_tokens and temperature != 0:
+        raise ValueError(
+            "Prompt lookup keeps the output exact for greedy decoding only; with temperature > 0 set lookup_tokens=0 "
+            "(--lookup-tokens 0)."
+        )
     if tree is not None:
         if temperature != 0:
             raise ValueError(
@@ -471,6 +540,8 @@ def speculative_generate(
     num_draft = len(heads) if num_draft is None else num_draft
     if not 0 <= num_draft <= len(heads):
         raise ValueError(f"num_draft must be between 0 and the number of heads ({len(heads)}), got {num_draft}.")
+    if lookup_tokens and tree is None:
+        tree = DraftTree.chain(num_draft)  # the lookup branch needs tree verification
     if temperature < 0 or not math.isfinite(temperature):
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy decoding), got {temperature}.")
     if max_new_tokens < 0:
@@ -491,7 +562,7 @@ def speculative_generate(
         generator.manual_seed(seed if seed is not None else torch.seed())
     decoding = _SpeculativeDecoding(
         model, heads, num_draft, _TokenChooser(temperature, generator), _eos_ids(model, eos_token_id), max_new_tokens,
-        head_cache, on_tokens, tree,
+        head_cache, on_tokens, tree, lookup_tokens, draft_vocab,
     )
     if max_new_tokens == 0:
         return GenerationResult(tokens=[], stats=decoding.stats)
@@ -510,10 +581,14 @@ def speculative_generate(
 class _SpeculativeDecoding:
     """The state of one generation: the model's KV cache, the heads' drafter, the tokens and the counters."""
 
-    def __init__(self, model, heads, num_draft, chooser, eos_ids, max_new_tokens, head_cache, on_tokens, tree=None):
+    def __init__(self, model, heads, num_draft, chooser, eos_ids, max_new_tokens, head_cache, on_tokens, tree=None,
+                 lookup_tokens=0, draft_vocab=None):
         self.model = model
+        self.draft_vocab = draft_vocab
         self.tree = tree
-        self.tree_blocks: dict[int, _TreeBlock] = {}
+        self.tree_blocks: dict[int, tuple[DraftTree, _TreeBlock]] = {}
+        self.lookup_tokens = lookup_tokens
+        self.lookup: NgramLookup | None = None
         self.heads = heads
         self.num_draft = num_draft
         self.chooser = chooser
@@ -533,7 +608,10 @@ class _SpeculativeDecoding:
 
         start = time.perf_counter()
         self.device = input_ids.device
-        self.drafter = HeadDrafter(self.model, self.heads, self.num_draft, use_cache=self.head_cache)
+        self.prompt_length = input_ids.shape[1]
+        if self.lookup_tokens:
+            self.lookup = NgramLookup(input_ids[0].tolist())
+        self.drafter = HeadDrafter(self.model, self.heads, self.num_draft, use_cache=self.head_cache, draft_vocab=self.draft_vocab)
         self.cache = DynamicCache(config=self.model.config)
         if self.tree is not None and any(type(layer) is not DynamicLayer for layer in self.cache.layers):
             raise ValueError(
@@ -568,6 +646,7 @@ class _SpeculativeDecoding:
         logits = self.model(input_ids=block, cache=self.cache, use_cache=True).logits[0]  # (1 + drafts, V)
         self.stats.forwards += 1
         self.stats.steps += 1
+        self.stats.block_tokens += block.shape[1]
         num_accepted, next_token = _verify(self.chooser, drafts, logits, head_logits, self.stats)
         if num_accepted < len(drafts):
             self.cache.crop(num_accepted - len(drafts))  # transformers 5 takes minus the number of tokens to drop
@@ -602,49 +681,85 @@ class _SpeculativeDecoding:
         remaining = self._commit_next(next_token)
         if remaining == 0:
             return None, []
-        tree = self._tree_block(min(remaining, self.tree.depth))
+        tree, block, token_index = self._tree_block(min(remaining, self.tree.depth))
 
         tick = time.perf_counter()
         candidates = [torch.tensor([next_token], device=self.device)]
-        candidates += [logits.topk(width).indices for logits, width in zip(head_logits, tree.tree.widths)]
-        block = torch.cat(candidates).index_select(0, tree.token_index)  # (N + 1,) tokens of the tree's nodes
+        candidates += [logits.topk(width).indices for logits, width in zip(head_logits, tree.widths)]
+        tokens = torch.cat(candidates).index_select(0, token_index).tolist()  # the tokens of the tree's nodes
+        if self.lookup is not None:
+            block, tokens = self._add_lookup(block, tokens, remaining)
         past = self.cache.get_seq_length()
-        mask = torch.zeros(1, 1, block.numel(), past + block.numel(), dtype=tree.mask.dtype, device=self.device)
-        mask[0, 0, :, past:] = tree.mask
+        size = len(tokens)
+        mask = torch.zeros(1, 1, size, past + size, dtype=block.mask.dtype, device=self.device)
+        mask[0, 0, :, past:] = block.mask
         logits = self.model(
-            input_ids=block[None], position_ids=(tree.depths + past)[None], attention_mask=mask,
-            cache=self.cache, use_cache=True,
-        ).logits[0]  # (N + 1, V)
+            input_ids=torch.tensor([tokens], device=self.device), position_ids=(block.depths + past)[None],
+            attention_mask=mask, cache=self.cache, use_cache=True,
+        ).logits[0]  # (size, V)
         self.stats.forwards += 1
         self.stats.steps += 1
-        choices, tokens = logits.argmax(dim=-1).tolist(), block.tolist()
-        path = [0]
-        while tree.tree.children[path[-1]]:
-            depth = len(path) - 1
-            self.stats.reached[depth] += 1
-            self.stats.count_rank(depth, head_logits[depth], choices[path[-1]])
-            match = next((child for child in tree.tree.children[path[-1]] if tokens[child] == choices[path[-1]]), None)
-            if match is None:
-                break
-            self.stats.accepted[depth] += 1
-            self.stats.accepted_drafts += 1
-            path.append(match)
+        self.stats.block_tokens += size
+        choices = logits.argmax(dim=-1).tolist()
+        path = self._accepted_path(block, tokens, choices, head_logits)
         keep_cache_positions(self.cache, past, path)
         self.stats.verify_s += time.perf_counter() - tick
 
         if self._commit_drafts(tokens[0], [tokens[node] for node in path[1:]]):
             return None, []
         next_token = choices[path[-1]]
+        if not self.num_draft:
+            return next_token, []
         tick = time.perf_counter()
         head_logits = self.drafter.draft_logits_path(capture, path, past)
         self.stats.heads_s += time.perf_counter() - tick
         return next_token, head_logits
 
-    def _tree_block(self, depth: int) -> _TreeBlock:
+    def _accepted_path(self, block: _TreeBlock, tokens: list[int], choices: list[int], head_logits) -> list[int]:
+        """Walk from the root down the children that hold the model's token; return the nodes walked through.
+
+        Head k's counters move only where a node of the heads' tree was checked or accepted at depth
+        k. An accepted node that only prompt lookup added counts as a lookup acceptance.
+        """
+        path = [0]
+        while block.children[path[-1]]:
+            depth = len(path) - 1
+            choice = choices[path[-1]]
+            head_checked = depth < len(head_logits) and any(child < block.first_lookup for child in block.children[path[-1]])
+            if head_checked:
+                self.stats.reached[depth] += 1
+                self.stats.count_rank(depth, head_logits[depth], choice)
+            match = next((child for child in block.children[path[-1]] if tokens[child] == choice), None)
+            if match is None:
+                break
+            if match >= block.first_lookup:
+                self.stats.lookup_accepted += 1
+            elif head_checked:
+                self.stats.accepted[depth] += 1
+            self.stats.accepted_drafts += 1
+            path.append(match)
+        return path
+
+    def _add_lookup(self, block: _TreeBlock, tokens: list[int], remaining: int) -> tuple[_TreeBlock, list[int]]:
+        """Return the block and node tokens with prompt lookup's proposal attached below the root."""
+        self.lookup.extend(self.tokens[len(self.lookup.tokens) - self.prompt_length :])
+        proposal = self.lookup.propose(min(self.lookup_tokens, remaining))
+        if not proposal:
+            return block, tokens
+        parents, children, tokens, first_new = attach_chain(block.parents, block.children, tokens, proposal)
+        if first_new == len(parents):
+            return block, tokens
+        self.stats.lookup_steps += 1
+        self.stats.lookup_drafted += len(parents) - first_new
+        return _TreeBlock(parents, children, block.mask.dtype, self.device, first_new), tokens
+
+    def _tree_block(self, depth: int) -> tuple[DraftTree, _TreeBlock, torch.Tensor]:
+        """Return the heads' tree cut to `depth`, its block and its node token indices (cached per depth)."""
         if depth not in self.tree_blocks:
             tree = self.tree if depth >= self.tree.depth else self.tree.truncated(depth)
             dtype = next(self.model.parameters()).dtype
-            self.tree_blocks[depth] = _TreeBlock(tree, dtype, self.device)
+            block = _TreeBlock(tree.parents, tree.children, dtype, self.device)
+            self.tree_blocks[depth] = (tree, block, tree.token_index().to(self.device))
         return self.tree_blocks[depth]
 
     def _draft(self, capture: _LastLayerCapture, row: int) -> list[torch.Tensor]:
@@ -659,14 +774,21 @@ class _SpeculativeDecoding:
 
 
 class _TreeBlock:
-    """A draft tree's tensors on the model's device: node token indices, depths and the additive attention mask."""
+    """The tree of one verification block on the model's device: parents, children, depths and attention mask.
 
-    def __init__(self, tree: DraftTree, dtype: torch.dtype, device):
-        self.tree = tree
-        self.token_index = tree.token_index().to(device)
-        self.depths = torch.tensor(tree.depths, dtype=torch.long, device=device)
-        self.mask = torch.full((len(tree) + 1,) * 2, torch.finfo(dtype).min, dtype=dtype, device=device)
-        self.mask.masked_fill_(tree.ancestor_mask().to(device), 0.0)
+    Nodes from `first_lookup` on were added by prompt lookup; the others belong to the heads' tree.
+    """
+
+    def __init__(self, parents: list[int], children: list[list[int]], dtype: torch.dtype, device, first_lookup=None):
+        self.parents = parents
+        self.children = children
+        self.first_lookup = len(parents) if first_lookup is None else first_lookup
+        depths = [0]
+        for parent in parents[1:]:
+            depths.append(depths[parent] + 1)
+        self.depths = torch.tensor(depths, dtype=torch.long, device=device)
+        self.mask = torch.full((len(parents),) * 2, torch.finfo(dtype).min, dtype=dtype, device=device)
+        self.mask.masked_fill_(ancestor_mask(parents).to(device), 0.0)
 
 
 def _verify(chooser: _TokenChooser, drafts: list[int], logits: torch.Tensor, head_logits, stats) -> tuple[int, int]:
@@ -800,6 +922,18 @@ def register(subparsers) -> None:
         f"one chain of tokens (default: {DEFAULT_TREE_SIZE} for greedy decoding, 0 for sampling).",
     )
     parser.add_argument(
+        "--lookup-tokens", type=int, default=None,
+        help="Tokens per step proposed by prompt lookup (the tokens that followed the latest earlier occurrence of "
+        "the last 1-3 tokens in the prompt or reply), verified in the same forward as the heads' drafts; greedy "
+        f"decoding only; 0 turns it off (default: {DEFAULT_LOOKUP_TOKENS} for greedy decoding, 0 for sampling).",
+    )
+    parser.add_argument(
+        "--draft-vocab", type=int, default=DEFAULT_DRAFT_VOCAB,
+        help="The heads draft only token ids below this number, which makes their unembedding cheaper (BPE "
+        "vocabularies list frequent tokens first); the output does not change; 0 is the whole vocabulary "
+        "(default: %(default)s).",
+    )
+    parser.add_argument(
         "--tree-stats",
         help="eval_heads.json of `caft eval-heads` whose rank accuracies shape the tree (default: <heads>/eval/"
         "eval_heads.json when present, else rates measured on SmolLM2's distilled heads).",
@@ -860,10 +994,24 @@ def choose_tree(tree_size: int | None, tree_stats: str | None, heads_source, num
     return tree
 
 
+def choose_lookup_tokens(lookup_tokens: int | None, temperature: float) -> int:
+    """Return the prompt lookup length for `caft generate`'s options: the default for greedy decoding, 0 for sampling."""
+    if lookup_tokens is None:
+        return DEFAULT_LOOKUP_TOKENS if temperature == 0 else 0
+    if lookup_tokens < 0:
+        raise ValueError(f"--lookup-tokens must be >= 0 (0 turns prompt lookup off), got {lookup_tokens}.")
+    if lookup_tokens > 0 and temperature != 0:
+        raise ValueError("--lookup-tokens works with greedy decoding only (--temperature 0); with sampling, use 0.")
+    return lookup_tokens
+
+
 def run_generate_command(args: argparse.Namespace) -> int:
     """Handle `caft generate`: load, generate for every prompt, print the texts and the statistics."""
     if args.save_tree_stats and args.temperature != 0:
         raise ValueError("--save-tree-stats measures greedy decoding; use it with --temperature 0.")
+    args.lookup_tokens = choose_lookup_tokens(args.lookup_tokens, args.temperature)
+    if args.draft_vocab < 0:
+        raise ValueError(f"--draft-vocab must be >= 0 (0 is the whole vocabulary), got {args.draft_vocab}.")
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts_file, args.prompt_field)
     model, tokenizer, folder = load_model_for_generation(args.model_name_or_path, args.dtype)
     heads_source = args.heads
@@ -913,7 +1061,7 @@ def _generate_all(args, prompts: list[str], model, heads, tokenizer, output_file
         result = speculative_generate(
             model, heads, ids, max_new_tokens=args.max_new_tokens, num_draft=args.num_draft,
             temperature=args.temperature, seed=args.seed + index, head_cache=args.head_cache, on_tokens=on_tokens,
-            tree=tree,
+            tree=tree, lookup_tokens=args.lookup_tokens, draft_vocab=args.draft_vocab,
         )
         text = tokenizer.decode(result.tokens, skip_special_tokens=True)
         if args.stream:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 
@@ -144,31 +145,42 @@ def test_path_draft_logits_equal_run_heads(kind, variant):
     else:
         heads = random_heads(model, **HEAD_VARIANTS[variant])
         prompt = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(1))
+    with recorded_path_logits() as recorded:
+        result = speculative_generate(model, heads, prompt, max_new_tokens=20, eos_token_id=[], tree=TREE)
+    assert len(recorded) >= 3
+    if variant == "copies" and kind == "llama":
+        assert result.stats.accepted[2] > 0
+    assert_path_logits_equal_run_heads(model, heads, prompt, result.tokens, recorded)
+
+
+@contextlib.contextmanager
+def recorded_path_logits():
+    """Record (sequence length, path length, heads' logits) for every HeadDrafter.draft_logits_path call."""
     recorded = []
     original = HeadDrafter.draft_logits_path
 
     def recording(self, capture, path, past):
         logits = original(self, capture, path, past)
-        recorded.append((past + len(path), [row.clone() for row in logits]))
+        recorded.append((past + len(path), len(path), [row.clone() for row in logits]))
         return logits
 
     HeadDrafter.draft_logits_path = recording
     try:
-        result = speculative_generate(model, heads, prompt, max_new_tokens=20, eos_token_id=[], tree=TREE)
+        yield recorded
     finally:
         HeadDrafter.draft_logits_path = original
-    assert len(recorded) >= 3
-    if variant == "copies" and kind == "llama":
-        assert result.stats.accepted[2] > 0
 
-    sequence = torch.cat([prompt[0], torch.tensor(result.tokens)])
+
+def assert_path_logits_equal_run_heads(model, heads, prompt, tokens: list[int], recorded) -> None:
+    """Check the recorded logits against caft.model.run_heads over prompt + tokens, at each recorded length."""
+    sequence = torch.cat([prompt[0], torch.tensor(tokens)])
     reference = add_auxiliary_heads(copy.deepcopy(model), heads=copy.deepcopy(heads))
     with torch.no_grad():
         reference._caft_capture.active = True
         final_hidden = find_decoder(reference)(input_ids=sequence[None], use_cache=False).last_hidden_state
         states = run_heads(reference, final_hidden)
         reference._caft_capture.clear()
-        for length, logits in recorded:
+        for length, _, logits in recorded:
             for k, (actual, (hidden, own_head)) in enumerate(zip(logits, states), start=1):
                 expected = make_unembed(reference, own_head)(hidden[:, length - 1])[0]
                 torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5, msg=lambda m, k=k: f"head {k} at {length}: {m}")

@@ -270,8 +270,13 @@ def test_acceptance_rule_keeps_model_distribution():
     assert 0 < stats.accepted[0] < stats.reached[0]
 
 
-def test_sampling_matches_model_distribution():
-    """End to end on a tiny model: the first two sampled tokens follow the model's exact joint distribution."""
+@pytest.mark.parametrize("draft_vocab", [None, 4], ids=["whole-vocab", "draft-vocab"])
+def test_sampling_matches_model_distribution(draft_vocab):
+    """End to end on a tiny model: the first two sampled tokens follow the model's exact joint distribution.
+
+    With a draft vocabulary of 4 of the 6 tokens, the heads never draft tokens 4 and 5; the
+    acceptance rule must still give them their probability.
+    """
     vocab = 6
     model = tiny_model("llama", vocab_size=vocab, initializer_range=0.3)
     heads = random_heads(model, num_heads=2, noise=0.2)
@@ -286,7 +291,9 @@ def test_sampling_matches_model_distribution():
     counts = torch.zeros(vocab, vocab)
     accepted = reached = 0
     for seed in range(500):
-        result = speculative_generate(model, heads, prompt, max_new_tokens=2, temperature=1.0, seed=seed, eos_token_id=[])
+        result = speculative_generate(
+            model, heads, prompt, max_new_tokens=2, temperature=1.0, seed=seed, eos_token_id=[], draft_vocab=draft_vocab
+        )
         counts[result.tokens[0], result.tokens[1]] += 1
         accepted += result.stats.accepted[0]
         reached += result.stats.reached[0]
@@ -308,6 +315,44 @@ def test_sampling_is_seeded():
     assert runs[0] != runs[2]
 
 
+# Draft vocabulary --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("variant", ["transformer-sibling", "transformer-own-unembedding"])
+def test_draft_vocab_keeps_greedy_output(kind, variant):
+    """Heads limited to token ids below 20 draft only those; their logits there are the full ones; the output is unchanged."""
+    model = tiny_model(kind, seed=3)
+    heads = random_heads(model, **HEAD_VARIANTS[variant])
+    prompt = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(1))
+    expected = greedy_reference(model, prompt, 30)
+    recorded = []
+    original = HeadDrafter._unembed
+
+    def recording(self, hidden_states):
+        logits = original(self, hidden_states)
+        self.draft_vocab, full = None, original(self, hidden_states)
+        self.draft_vocab = 20
+        recorded.append((logits, full))
+        return logits
+
+    HeadDrafter._unembed = recording
+    try:
+        limited = speculative_generate(model, heads, prompt, max_new_tokens=30, eos_token_id=[], draft_vocab=20)
+    finally:
+        HeadDrafter._unembed = original
+
+    assert limited.tokens == expected
+    assert recorded
+    for logits, full in recorded:
+        for row, full_row in zip(logits, full):
+            assert torch.isneginf(row[20:]).all()
+            torch.testing.assert_close(row[:20], full_row[:20], atol=1e-5, rtol=1e-5)
+    # A draft vocabulary as large as the vocabulary is the whole vocabulary.
+    whole = speculative_generate(model, heads, prompt, max_new_tokens=30, eos_token_id=[], draft_vocab=64)
+    assert whole.tokens == expected
+
+
 # Input checks ------------------------------------------------------------------------------------
 
 
@@ -319,6 +364,7 @@ def test_sampling_is_seeded():
         (dict(num_draft=4), "num_draft must be between 0 and the number of heads"),
         (dict(temperature=-1.0), "temperature must be"),
         (dict(max_new_tokens=-1), "max_new_tokens must be"),
+        (dict(draft_vocab=-1), "draft_vocab must be >= 0"),
     ],
 )
 def test_invalid_arguments_raise(kwargs, message):
