@@ -10,8 +10,9 @@ second is less sensitive to other processes on a shared machine when torch uses 
 the mean number of tokens per model forward, the acceptance
 rate of each head and where the speculative time goes. It then times one model forward over
 blocks as large as each method verifies at a typical context length (the verification cost
-per step). Each --num-draft runs once per --tree-size: 0 drafts a chain, N > 0 a tree of N
-candidates (caft/draft_tree.py).
+per step). Each --num-draft runs once per combination of --tree-size (0 drafts a chain, N > 0 a
+tree of N candidates, caft/draft_tree.py), --lookup-tokens (prompt lookup, caft/lookup.py) and
+--draft-vocab, or once per --combination TREE:LOOKUP:VOCAB.
 """
 
 from __future__ import annotations
@@ -62,17 +63,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Drafted tokens per step; several values run one speculative method each (default: all heads).",
     )
     parser.add_argument(
-        "--tree-size", type=int, nargs="+", default=[0, DEFAULT_TREE_SIZE],
+        "--tree-size", type=int, nargs="+", default=[DEFAULT_TREE_SIZE],
         help="Draft tree sizes to run for each --num-draft; 0 is chain drafting (default: %(default)s).",
     )
     parser.add_argument(
-        "--lookup-tokens", type=int, nargs="+", default=[0, DEFAULT_LOOKUP_TOKENS],
+        "--lookup-tokens", type=int, nargs="+", default=[DEFAULT_LOOKUP_TOKENS],
         help="Prompt lookup branch lengths to run for each tree; 0 is none (default: %(default)s).",
     )
     parser.add_argument(
         "--draft-vocab", type=int, nargs="+", default=[DEFAULT_DRAFT_VOCAB],
         help="Draft vocabulary sizes to run for each tree and lookup length; 0 is the whole vocabulary "
         "(default: %(default)s).",
+    )
+    parser.add_argument(
+        "--combination", type=parse_combination, action="append",
+        help="TREE:LOOKUP:VOCAB, one speculative method per --num-draft with that tree size, lookup length and draft "
+        "vocabulary; repeat it for more methods. Replaces the product of --tree-size, --lookup-tokens and --draft-vocab.",
     )
     parser.add_argument("--tree-stats", help="eval_heads.json whose rank accuracies shape the trees (as caft generate).")
     parser.add_argument(
@@ -196,22 +202,32 @@ class Method:
     """Questions to run (the first ones)."""
 
 
+def parse_combination(text: str) -> tuple[int, int, int]:
+    """Parse a --combination value TREE:LOOKUP:VOCAB into three integers >= 0."""
+    parts = text.split(":")
+    if len(parts) != 3 or not all(part.isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"--combination takes TREE:LOOKUP:VOCAB, three integers >= 0, like 4:4:16384; got {text!r}.")
+    return int(parts[0]), int(parts[1]), int(parts[2])
+
+
 def build_methods(args, num_heads: int, count: int) -> list[Method]:
     num_drafts = args.num_draft or [num_heads]
+    combinations = args.combination or [
+        (tree_size, lookup, draft_vocab)
+        for tree_size in args.tree_size for lookup in args.lookup_tokens for draft_vocab in args.draft_vocab
+    ]
     methods = []
     for prepacked in (False, True) if args.kernels == "both" else (args.kernels == "prepacked",):
         suffix = ", prepacked linears" if prepacked else ""
         if prepacked:
             methods.append(Method(f"plain generate{suffix}", prepacked=True, count=count))
         for num_draft in num_drafts:
-            for tree_size in args.tree_size:
+            for tree_size, lookup, draft_vocab in combinations:
                 tree = choose_tree(tree_size, args.tree_stats, args.heads, num_heads, num_draft, 0.0)
                 shape = f"tree of {tree_size}" if tree is not None else "chain"
-                for lookup in args.lookup_tokens:
-                    for draft_vocab in args.draft_vocab:
-                        name = (f"speculative, {num_draft} drafts, {shape}" + (f", lookup {lookup}" if lookup else "")
-                                + (f", draft vocab {draft_vocab}" if draft_vocab else "") + suffix)
-                        methods.append(Method(name, num_draft, tree, lookup, draft_vocab, prepacked, count=count))
+                name = (f"speculative, {num_draft} drafts, {shape}" + (f", lookup {lookup}" if lookup else "")
+                        + (f", draft vocab {draft_vocab}" if draft_vocab else "") + suffix)
+                methods.append(Method(name, num_draft, tree, lookup, draft_vocab, prepacked, count=count))
     if args.recompute_questions:
         last = methods[-1]
         methods.append(

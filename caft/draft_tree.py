@@ -26,8 +26,13 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_TREE_SIZE = 8
-"""Nodes below the root in the default tree: the fastest of 8, 16 and 32 on CPU in docs/benchmarks.md."""
+DEFAULT_TREE_SIZE = 4
+"""Nodes below the root in the default tree.
+
+With prompt lookup's branch beside it, trees of 2, 4 and 6 ran at about the same speed on CPU in
+docs/benchmarks.md and 8 was slower. There a block of tokens costs much more than one token;
+where it costs about the same (GPUs), larger trees accept more tokens per forward.
+"""
 
 FALLBACK_RANK_ACCURACY = [
     [0.42, 0.12, 0.06, 0.04, 0.03, 0.03],

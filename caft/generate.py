@@ -79,7 +79,7 @@ class SpeculativeStats:
     rank_hits: list[list[int]] = field(default_factory=list)
     """Per head k and rank r < RANKS: greedy steps reaching draft k whose model token was head k's rank-r token."""
     lookup_steps: int = 0
-    """Steps in which prompt lookup proposed tokens (caft/lookup.py)."""
+    """Steps in which prompt lookup added tokens that the heads' tree did not hold (caft/lookup.py)."""
     lookup_drafted: int = 0
     """Tokens proposed by prompt lookup that the heads' tree did not already hold."""
     lookup_accepted: int = 0
@@ -376,7 +376,7 @@ def _path_kwargs(kwargs: dict, index: torch.Tensor, past: int, dtype: torch.dtyp
         elif isinstance(value, torch.Tensor) and not isinstance(value, Cache):
             raise ValueError(
                 f"Tree drafting does not know how to follow the last decoder layer's argument {name!r} along a path; "
-                "use chain drafting (--tree-size 0)."
+                "use chain drafting without prompt lookup (--tree-size 0 --lookup-tokens 0)."
             )
         path_kwargs[name] = value
     return path_kwargs
@@ -517,6 +517,8 @@ def speculative_generate(
     `draft_vocab` N lets the heads draft token ids below N only (see HeadDrafter); None or 0 is the whole vocabulary.
     """
     model = unwrap_causal_lm(model)
+    if temperature < 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy decoding), got {temperature}.")
     if draft_vocab is not None and draft_vocab < 0:
         raise ValueError(f"draft_vocab must be >= 0 (0 is the whole vocabulary), got {draft_vocab}.")
     if lookup_tokens < 0:
@@ -542,8 +544,6 @@ def speculative_generate(
         raise ValueError(f"num_draft must be between 0 and the number of heads ({len(heads)}), got {num_draft}.")
     if lookup_tokens and tree is None:
         tree = DraftTree.chain(num_draft)  # the lookup branch needs tree verification
-    if temperature < 0 or not math.isfinite(temperature):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy decoding), got {temperature}.")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
     device = next(model.parameters()).device
@@ -616,7 +616,7 @@ class _SpeculativeDecoding:
         if self.tree is not None and any(type(layer) is not DynamicLayer for layer in self.cache.layers):
             raise ValueError(
                 f"Tree drafting needs a KV cache of full-attention layers; {type(self.model).__name__} uses "
-                "sliding-window or other layers. Use chain drafting (--tree-size 0)."
+                "sliding-window or other layers. Use chain drafting without prompt lookup (--tree-size 0 --lookup-tokens 0)."
             )
         output = self.model(input_ids=input_ids, cache=self.cache, use_cache=True, logits_to_keep=1)
         self.stats.forwards += 1
@@ -660,7 +660,7 @@ class _SpeculativeDecoding:
         """Append the model's token; return how many more tokens may follow (0 when generation has ended)."""
         self.tokens.append(next_token)
         remaining = self.max_new_tokens - len(self.tokens)
-        if next_token in self.eos_ids or remaining == 0:
+        if next_token in self.eos_ids or remaining <= 0:
             self._emit([next_token])
             return 0
         return remaining

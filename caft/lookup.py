@@ -9,8 +9,12 @@ candidates in the same forward pass, and greedy outputs stay exact.
 
 from __future__ import annotations
 
-DEFAULT_LOOKUP_TOKENS = 8
-"""Tokens proposed per step by prompt lookup in `caft generate`, 0 to turn it off."""
+DEFAULT_LOOKUP_TOKENS = 4
+"""Tokens proposed per step by prompt lookup in `caft generate`, 0 to turn it off.
+
+With 8, more tokens were accepted per forward but each block cost more; on CPU both ran at about
+the same speed in docs/benchmarks.md.
+"""
 
 MAX_NGRAM = 3
 """The longest suffix that is looked up; shorter suffixes are tried when it has no earlier occurrence."""
@@ -19,8 +23,8 @@ MAX_NGRAM = 3
 class NgramLookup:
     """An index from every n-gram (n <= `max_ngram`) of a growing token sequence to the position after its latest occurrence.
 
-    `extend` adds tokens in O(max_ngram) each, and `propose` finds a continuation in O(max_ngram),
-    so lookup costs the same at any context length.
+    `extend` and `propose` cost O(max_ngram ** 2) per token (building the n-gram keys), so lookup
+    costs the same at any context length.
     """
 
     def __init__(self, tokens: list[int], max_ngram: int = MAX_NGRAM):

@@ -15,7 +15,9 @@ import torch
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from caft.cli import main as cli_main
+from caft.draft_tree import DEFAULT_TREE_SIZE, FALLBACK_RANK_ACCURACY, DraftTree
 from caft.generate import (
+    DEFAULT_DRAFT_VOCAB,
     HeadDrafter,
     _LastLayerCapture,
     _TokenChooser,
@@ -27,6 +29,7 @@ from caft.generate import (
     SpeculativeStats,
 )
 from caft.heads import HeadsConfig, build_heads, find_decoder, save_heads
+from caft.lookup import DEFAULT_LOOKUP_TOKENS
 from caft.model import add_auxiliary_heads, make_unembed, run_heads
 
 HEAD_VARIANTS = {
@@ -353,6 +356,24 @@ def test_draft_vocab_keeps_greedy_output(kind, variant):
     assert whole.tokens == expected
 
 
+def test_draft_vocab_logits_with_bias_and_softcap():
+    """The sliced unembedding keeps the bias and the logit softcapping of the full one."""
+    from caft.loss import Unembedding
+
+    model = tiny_model("llama")
+    drafter = HeadDrafter(model, random_heads(model), num_draft=2, draft_vocab=20)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 64, bias=True)
+    torch.nn.init.normal_(linear.bias, std=3.0)
+    hidden = torch.randn(1, 2, 32) * 4
+    for softcap in (None, 2.0):
+        unembed = Unembedding(linear, softcap)
+        with torch.no_grad():
+            limited, full = drafter._draft_logits(unembed, hidden), unembed(hidden)
+        torch.testing.assert_close(limited[..., :20], full[..., :20])
+        assert torch.isneginf(limited[..., 20:]).all()
+
+
 # Input checks ------------------------------------------------------------------------------------
 
 
@@ -505,5 +526,10 @@ def test_real_model_greedy_equals_generate(arch):
         expected = greedy_reference(model, prompt, 40, eos_token_id=tokenizer.eos_token_id)
 
         result = speculative_generate(model, heads, prompt, max_new_tokens=40)
+        tree = DraftTree.from_rank_accuracy(FALLBACK_RANK_ACCURACY, DEFAULT_TREE_SIZE, 4)
+        with_lookup = speculative_generate(
+            model, heads, prompt, max_new_tokens=40, tree=tree, lookup_tokens=DEFAULT_LOOKUP_TOKENS, draft_vocab=DEFAULT_DRAFT_VOCAB
+        )
 
         assert result.tokens == expected
+        assert with_lookup.tokens == expected

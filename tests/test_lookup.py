@@ -155,6 +155,28 @@ def test_lookup_saves_forwards_in_a_loop(kind):
     assert lookup_only.stats.forwards < 41
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("lookup_tokens", [0, 3, 8])
+def test_lookup_counters_keep_their_meaning(kind, lookup_tokens):
+    """Head k's counters count its own drafts only; each accepted draft is a head's or the lookup branch's."""
+    model, heads, prompt = looping_case(kind)
+    stats = speculative_generate(
+        model, heads, prompt, max_new_tokens=40, eos_token_id=[], tree=TREE, lookup_tokens=lookup_tokens
+    ).stats
+
+    assert stats.reached[0] == stats.steps  # the tree always has head-1 candidates
+    for depth in range(len(stats.reached)):
+        assert stats.accepted[depth] <= stats.reached[depth]
+        if depth + 1 < len(stats.reached):
+            assert stats.reached[depth + 1] <= stats.accepted[depth]
+    assert stats.accepted_drafts == sum(stats.accepted) + stats.lookup_accepted
+    assert stats.lookup_accepted <= stats.lookup_drafted
+    if lookup_tokens:
+        assert stats.lookup_accepted > 0
+    else:
+        assert stats.lookup_steps == stats.lookup_drafted == stats.lookup_accepted == 0
+
+
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 3, 7, 12])
 def test_lookup_max_new_tokens_and_eos(max_new_tokens):
     model, heads, prompt = looping_case("llama")
