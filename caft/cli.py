@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         message = str(error) or type(error).__name__
         print(f"caft {args.command}: error: {message}", file=sys.stderr)
-        print("(run with --verbose for the traceback)", file=sys.stderr)
+        print("(run `caft --verbose COMMAND ...` for the traceback)", file=sys.stderr)
         return EXIT_INPUT_ERROR
     finally:
         _close_process_group()

@@ -153,7 +153,10 @@ class SpeculativeStats:
         )
 
     def summary(self) -> str:
-        rates = ", ".join(f"head {k}: {rate:.2f}" for k, rate in enumerate(self.acceptance_by_head(), start=1))
+        rates = ", ".join(
+            f"head {k}: " + ("not reached" if math.isnan(rate) else f"{rate:.2f}")
+            for k, rate in enumerate(self.acceptance_by_head(), start=1)
+        )
         lookup = ""
         if self.lookup_steps:
             lookup = (
@@ -892,6 +895,8 @@ def read_prompts(path: str | Path, prompt_field: str) -> list[str]:
             )
         if not isinstance(row[prompt_field], str):
             raise DataError(f"{location}: field {prompt_field!r} must be a string, got {type(row[prompt_field]).__name__}.")
+        if not row[prompt_field].strip():
+            raise DataError(f"{location}: field {prompt_field!r} is empty. Remove the row or give it a prompt.")
         prompts.append(row[prompt_field])
     if not prompts:
         raise DataError(f"{path}: no prompts found. Add rows with a {prompt_field!r} field.")
@@ -1012,6 +1017,11 @@ def run_generate_command(args: argparse.Namespace) -> int:
     args.lookup_tokens = choose_lookup_tokens(args.lookup_tokens, args.temperature)
     if args.draft_vocab < 0:
         raise ValueError(f"--draft-vocab must be >= 0 (0 is the whole vocabulary), got {args.draft_vocab}.")
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}.")
+    if args.prompt is not None and not args.prompt.strip():
+        raise ValueError("--prompt is empty. Give the text to continue.")
+    _check_output_path(args.output, args.prompts_file)
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts_file, args.prompt_field)
     model, tokenizer, folder = load_model_for_generation(args.model_name_or_path, args.dtype)
     heads_source = args.heads
@@ -1029,11 +1039,22 @@ def run_generate_command(args: argparse.Namespace) -> int:
     finally:
         if output_file is not None:
             output_file.close()
-    print(f"\n{total.prompts} prompt(s): {total.summary()}")
+    print(f"\n{total.prompts} prompt(s): {total.summary()}", file=sys.stderr)
     if args.save_tree_stats:
         write_tree_stats(total, args.save_tree_stats, f"caft generate on {len(prompts)} prompt(s)")
-        print(f"tree stats: {args.save_tree_stats}")
+        print(f"tree stats: {args.save_tree_stats}", file=sys.stderr)
     return 0
+
+
+def _check_output_path(output: str | None, prompts_file: str | None) -> None:
+    """Reject an --output path whose folder is missing or that is the prompts file, before any model is loaded."""
+    if output is None:
+        return
+    path = Path(output)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"--output {output}: folder {path.parent} does not exist. Create it or pick another path.")
+    if prompts_file is not None and path.exists() and path.resolve() == Path(prompts_file).resolve():
+        raise ValueError(f"--output {output} is the prompts file; writing it would overwrite the prompts. Pick another path.")
 
 
 def write_tree_stats(stats: SpeculativeStats, path: str | Path, source: str) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle
 import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -276,7 +277,13 @@ def read_heads_file(source: str | Path) -> tuple[HeadsConfig | None, dict[str, t
     if path.is_file():
         if path.suffix == ".safetensors":
             return None, load_file(str(path)), str(path)
-        return None, torch.load(path, map_location="cpu", weights_only=True), str(path)
+        try:
+            return None, torch.load(path, map_location="cpu", weights_only=True), str(path)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+            raise ValueError(
+                f"{path} is not a heads weights file ({type(error).__name__} while loading it with weights_only=True). "
+                "Pass the heads folder that `caft train-heads` wrote, or its model.safetensors or heads.pth."
+            ) from error
     if str(source).count("/") == 1 and not str(source).startswith((".", "/")):
         return read_heads_from_hub(str(source))
     raise FileNotFoundError(f"Auxiliary heads not found at {source}: pass a heads folder, a heads.pth file or a hub repo id.")

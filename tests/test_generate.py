@@ -442,8 +442,10 @@ def test_cli_generate_subprocess(tiny_model_folder, smol_tokenizer, tmp_path):
     record = json.loads(output.read_text())
     assert record["completion"] == smol_tokenizer.decode(expected, skip_special_tokens=True)
     assert record["new_tokens"] == len(expected)
-    assert "tokens per model forward" in completed.stdout
-    assert "tokens/s" in completed.stdout
+    # The statistics go to stderr, so stdout holds only the generated text.
+    assert "tokens per model forward" in completed.stderr
+    assert "tokens/s" in completed.stderr
+    assert "tokens per model forward" not in completed.stdout
 
 
 def test_lora_run_folder_is_merged(tiny_model_folder, tmp_path):
@@ -492,6 +494,31 @@ def test_cli_prompts_file_errors(tiny_model_folder, write_jsonl, capsys):
     assert f"{path}, line 2" in error
     assert "missing field 'prompt'" in error
     assert "--prompt-field" in error
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--prompt", "  "], "--prompt is empty"),
+        (["--prompt", "hi", "--max-new-tokens", "-5"], "--max-new-tokens must be >= 0, got -5"),
+        (["--prompt", "hi", "--output", "{tmp}/missing/out.jsonl"], "does not exist"),
+        (["--prompts-file", "{tmp}/prompts.jsonl", "--output", "{tmp}/prompts.jsonl"], "would overwrite the prompts"),
+        (["--prompts-file", "{tmp}/empty_row.jsonl"], "line 2: field 'prompt' is empty"),
+        (["--prompt", "hi", "--heads", "{tmp}/prompts.jsonl"], "is not a heads weights file"),
+    ],
+    ids=["empty-prompt", "negative-max-new-tokens", "missing-output-folder", "output-is-input", "empty-row", "not-heads"],
+)
+def test_cli_rejects_bad_options(tiny_model_folder, tmp_path, capsys, extra, message):
+    folder, _, _ = tiny_model_folder
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "hello"}\n')
+    (tmp_path / "empty_row.jsonl").write_text('{"prompt": "hello"}\n{"prompt": " "}\n')
+    arguments = [value.replace("{tmp}", str(tmp_path)) for value in extra]
+
+    code = cli_main(["generate", "-model", str(folder), *arguments])
+
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert (tmp_path / "prompts.jsonl").read_text() == '{"prompt": "hello"}\n'
 
 
 def test_cli_needs_heads(tmp_path, tiny_model_folder, capsys):
