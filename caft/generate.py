@@ -163,11 +163,12 @@ class SpeculativeStats:
                 f"prompt lookup proposed new tokens in {self.lookup_steps} steps, {self.lookup_accepted} of its "
                 f"{self.lookup_drafted} tokens accepted; "
             )
+        steps = f"{self.steps} step" + ("" if self.steps == 1 else "s")
         return (
             f"{self.new_tokens} new tokens in {self.total_s:.2f} s ({self.tokens_per_s:.1f} tokens/s); "
             f"{self.tokens_per_forward:.2f} tokens per model forward, {self.mean_accepted_drafts:.2f} accepted drafts "
-            f"per step over {self.steps} steps (blocks of {self.mean_block:.1f} tokens); acceptance by head ({rates or 'no drafts'}); {lookup}"
-            f"time: prefill {self.prefill_s:.2f} s, verification {self.verify_s:.2f} s, heads {self.heads_s:.2f} s"
+            f"per step over {steps} (blocks of {self.mean_block:.1f} tokens); acceptance by head ({rates or 'no drafts'}); "
+            f"{lookup}time: prefill {self.prefill_s:.2f} s, verification {self.verify_s:.2f} s, heads {self.heads_s:.2f} s"
         )
 
 
