@@ -321,13 +321,15 @@ class HeadDrafter:
     def _unembed(self, hidden_states: list[torch.Tensor]) -> list[torch.Tensor]:
         """Map each head's (1, 1, H) state to logits (V,); heads sharing lm_head go through it in one matmul."""
         if self.config.separate_unembed:
-            return [self._draft_logits(unembed, hidden)[0, -1] for hidden, unembed in zip(hidden_states, self.unembeds)]
+            return [
+                self._logits_in_draft_vocab(unembed, hidden)[0, -1] for hidden, unembed in zip(hidden_states, self.unembeds)
+            ]
         if not hidden_states:
             return []
         # One (1, n, H) x (H, V) product reads the unembedding weight once instead of n times.
-        return list(self._draft_logits(self.shared_unembed, torch.cat(hidden_states, dim=1))[0])
+        return list(self._logits_in_draft_vocab(self.shared_unembed, torch.cat(hidden_states, dim=1))[0])
 
-    def _draft_logits(self, unembed, hidden: torch.Tensor) -> torch.Tensor:
+    def _logits_in_draft_vocab(self, unembed, hidden: torch.Tensor) -> torch.Tensor:
         """Return unembed(hidden), computed over the draft vocabulary only when one is set and lm_head is a plain Linear."""
         module = unembed.module
         if not self.draft_vocab or type(module) is not nn.Linear or self.draft_vocab >= module.out_features:
@@ -590,7 +592,7 @@ class _SpeculativeDecoding:
         self.model = model
         self.draft_vocab = draft_vocab
         self.tree = tree
-        self.tree_blocks: dict[int, tuple[DraftTree, _TreeBlock]] = {}
+        self.tree_blocks: dict[int, tuple[DraftTree, _TreeBlock, torch.Tensor]] = {}
         self.lookup_tokens = lookup_tokens
         self.lookup: NgramLookup | None = None
         self.heads = heads
@@ -726,14 +728,14 @@ class _SpeculativeDecoding:
         k. An accepted node that only prompt lookup added counts as a lookup acceptance.
         """
         path = [0]
-        while block.children[path[-1]]:
+        while children := block.children[path[-1]]:
             depth = len(path) - 1
             choice = choices[path[-1]]
-            head_checked = depth < len(head_logits) and any(child < block.first_lookup for child in block.children[path[-1]])
+            head_checked = depth < len(head_logits) and any(child < block.first_lookup for child in children)
             if head_checked:
                 self.stats.reached[depth] += 1
                 self.stats.count_rank(depth, head_logits[depth], choice)
-            match = next((child for child in block.children[path[-1]] if tokens[child] == choice), None)
+            match = next((child for child in children if tokens[child] == choice), None)
             if match is None:
                 break
             if match >= block.first_lookup:

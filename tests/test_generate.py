@@ -369,7 +369,7 @@ def test_draft_vocab_logits_with_bias_and_softcap():
     for softcap in (None, 2.0):
         unembed = Unembedding(linear, softcap)
         with torch.no_grad():
-            limited, full = drafter._draft_logits(unembed, hidden), unembed(hidden)
+            limited, full = drafter._logits_in_draft_vocab(unembed, hidden), unembed(hidden)
         torch.testing.assert_close(limited[..., :20], full[..., :20])
         assert torch.isneginf(limited[..., 20:]).all()
 
