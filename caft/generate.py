@@ -33,6 +33,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import sys
 import time
 import types
@@ -78,6 +79,8 @@ class SpeculativeStats:
     """Per head k: steps in which draft k was accepted."""
     rank_hits: list[list[int]] = field(default_factory=list)
     """Per head k and rank r < RANKS: greedy steps reaching draft k whose model token was head k's rank-r token."""
+    lookup_tokens: int = 0
+    """The prompt lookup length in use (0: off)."""
     lookup_steps: int = 0
     """Steps in which prompt lookup added tokens that the heads' tree did not hold (caft/lookup.py)."""
     lookup_drafted: int = 0
@@ -143,6 +146,7 @@ class SpeculativeStats:
                 [a + b for a, b in zip(mine, theirs)]
                 for mine, theirs in zip(pad(self.rank_hits, [0] * RANKS), pad(other.rank_hits, [0] * RANKS))
             ],
+            lookup_tokens=max(self.lookup_tokens, other.lookup_tokens),
             lookup_steps=self.lookup_steps + other.lookup_steps,
             lookup_drafted=self.lookup_drafted + other.lookup_drafted,
             lookup_accepted=self.lookup_accepted + other.lookup_accepted,
@@ -163,6 +167,8 @@ class SpeculativeStats:
                 f"prompt lookup proposed new tokens in {self.lookup_steps} steps, {self.lookup_accepted} of its "
                 f"{self.lookup_drafted} tokens accepted; "
             )
+        elif self.lookup_tokens:
+            lookup = "prompt lookup found nothing the heads had not proposed; "
         steps = f"{self.steps} step" + ("" if self.steps == 1 else "s")
         return (
             f"{self.new_tokens} new tokens in {self.total_s:.2f} s ({self.tokens_per_s:.1f} tokens/s); "
@@ -410,6 +416,34 @@ def keep_cache_positions(cache, start: int, offsets: list[int]) -> None:
     cache.crop(start + len(offsets) - cache.get_seq_length())
 
 
+GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"
+"""The environment variable that makes transformers' SDPA attention pass `enable_gqa=True` (read at each call)."""
+
+
+@contextlib.contextmanager
+def grouped_attention_in_kernel(device: torch.device):
+    """On CPU, let SDPA attend grouped key/value heads in its kernel while verifying blocks.
+
+    With an attention mask and more than one query, transformers' SDPA attention copies every
+    cached key and value once per query head group (`repeat_kv`) in every layer, because CUDA
+    kernels lack grouped heads with a mask. Verification blocks always carry a mask, so on CPU
+    this copy cost SmolLM2 about 5 ms per step at 250 cached tokens. PyTorch's CPU kernel takes
+    the groups as they are. The switch is transformers' own, set for the duration and restored.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    previous = os.environ.get(GQA_SWITCH)
+    os.environ[GQA_SWITCH] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[GQA_SWITCH]
+        else:
+            os.environ[GQA_SWITCH] = previous
+
+
 @contextlib.contextmanager
 def prepacked_linears(*modules: nn.Module):
     """Run the float32 CPU `nn.Linear` layers of `modules` through oneDNN with weights reordered once.
@@ -576,7 +610,7 @@ def speculative_generate(
     model.eval()
     heads.eval()
     try:
-        with _LastLayerCapture(model) as capture:
+        with _LastLayerCapture(model) as capture, grouped_attention_in_kernel(device):
             decoding.run(input_ids, capture)
     finally:
         model.train(modes[0])
@@ -605,7 +639,7 @@ class _SpeculativeDecoding:
         self.tokens: list[int] = []
         self.stats = SpeculativeStats(
             prompts=1, reached=[0] * num_draft, accepted=[0] * num_draft,
-            rank_hits=[[0] * RANKS for _ in range(num_draft)],
+            rank_hits=[[0] * RANKS for _ in range(num_draft)], lookup_tokens=lookup_tokens,
         )
 
     def run(self, input_ids: torch.Tensor, capture: _LastLayerCapture) -> None:
@@ -1022,6 +1056,7 @@ def run_generate_command(args: argparse.Namespace) -> int:
         raise ValueError(f"--draft-vocab must be >= 0 (0 is the whole vocabulary), got {args.draft_vocab}.")
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}.")
+    _warn_about_slow_sizes(args.tree_size, args.draft_vocab)
     if args.prompt is not None and not args.prompt.strip():
         raise ValueError("--prompt is empty. Give the text to continue.")
     _check_output_path(args.output, args.prompts_file)
@@ -1047,6 +1082,26 @@ def run_generate_command(args: argparse.Namespace) -> int:
         write_tree_stats(total, args.save_tree_stats, f"caft generate on {len(prompts)} prompt(s)")
         print(f"tree stats: {args.save_tree_stats}", file=sys.stderr)
     return 0
+
+
+LARGE_TREE = 64
+"""Above this many nodes, verifying a tree costs far more than it saves on CPU (docs/benchmarks.md)."""
+SMALL_DRAFT_VOCAB = 1024
+"""Below this many ids, the heads cannot draft most tokens of ordinary text."""
+
+
+def _warn_about_slow_sizes(tree_size: int | None, draft_vocab: int) -> None:
+    """Warn about sizes that keep the output exact but make decoding slower than without drafting."""
+    if tree_size is not None and tree_size > LARGE_TREE:
+        logger.warning(
+            "--tree-size %d: every step verifies up to %d tokens, which on CPU costs several times one token; "
+            "sizes from 2 to 8 were fastest in docs/benchmarks.md.", tree_size, tree_size + 1,
+        )
+    if 0 < draft_vocab < SMALL_DRAFT_VOCAB:
+        logger.warning(
+            "--draft-vocab %d: the heads can only draft token ids below %d, so few drafts will be accepted; "
+            "the default is %d (0 = all).", draft_vocab, draft_vocab, DEFAULT_DRAFT_VOCAB,
+        )
 
 
 def _check_output_path(output: str | None, prompts_file: str | None) -> None:

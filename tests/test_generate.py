@@ -22,7 +22,9 @@ from caft.generate import (
     _LastLayerCapture,
     _TokenChooser,
     _verify,
+    GQA_SWITCH,
     encode_prompt,
+    grouped_attention_in_kernel,
     load_heads_for,
     prepacked_linears,
     speculative_generate,
@@ -127,6 +129,43 @@ def test_prepacked_linears_skip_other_dtypes():
     model = tiny_model("llama").to(torch.bfloat16)
     with prepacked_linears(model) as count:
         assert count == 0
+
+
+def test_tree_verification_copies_no_grouped_cache(monkeypatch):
+    """Verification blocks carry a mask, and on CPU their cached keys and values are not copied per query head group."""
+    from transformers.integrations import sdpa_attention
+
+    copies = []
+    original = sdpa_attention.repeat_kv
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda hidden, n_rep: copies.append(n_rep) or original(hidden, n_rep))
+    monkeypatch.delenv(GQA_SWITCH, raising=False)
+    model = tiny_model("llama", vocab_size=128)  # 4 query heads over 2 key/value heads
+    heads = random_heads(model, **HEAD_VARIANTS["transformer-sibling"])
+    prompt = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(5))
+    expected = greedy_reference(model, prompt, 30)
+    padded = torch.ones_like(prompt)
+    padded[0, 0] = 0
+    with torch.no_grad():  # the check can fail: a masked block outside the switch copies
+        model(prompt, attention_mask=padded)
+    assert copies
+    copies.clear()
+
+    tree = DraftTree.from_rank_accuracy(FALLBACK_RANK_ACCURACY, DEFAULT_TREE_SIZE, 3)
+    result = speculative_generate(model, heads, prompt, max_new_tokens=30, eos_token_id=[], tree=tree, lookup_tokens=4)
+
+    assert result.tokens == expected
+    assert result.stats.steps > 0
+    assert copies == []
+    assert GQA_SWITCH not in os.environ
+
+
+def test_grouped_attention_switch_is_restored(monkeypatch):
+    monkeypatch.setenv(GQA_SWITCH, "0")
+    with grouped_attention_in_kernel(torch.device("cpu")):
+        assert os.environ[GQA_SWITCH] == "1"
+    assert os.environ[GQA_SWITCH] == "0"
+    with grouped_attention_in_kernel(torch.device("meta")):  # other devices keep transformers' choice
+        assert os.environ[GQA_SWITCH] == "0"
 
 
 def test_greedy_exercises_accept_and_reject():
@@ -519,6 +558,28 @@ def test_cli_rejects_bad_options(tiny_model_folder, tmp_path, capsys, extra, mes
     assert code == 2
     assert message in capsys.readouterr().err
     assert (tmp_path / "prompts.jsonl").read_text() == '{"prompt": "hello"}\n'
+
+
+@pytest.mark.parametrize(
+    "extra, warned",
+    [
+        (["--tree-size", "200"], "--tree-size 200"),
+        (["--draft-vocab", "5"], "--draft-vocab 5"),
+        (["--tree-size", "8", "--draft-vocab", "0"], None),
+    ],
+    ids=["huge-tree", "tiny-draft-vocab", "usual-sizes"],
+)
+def test_cli_warns_slow_sizes(tiny_model_folder, caplog, extra, warned):
+    """Sizes that keep the output exact but slow decoding down run with a warning; usual sizes run silently."""
+    folder, _, _ = tiny_model_folder
+    with caplog.at_level("WARNING", logger="caft.generate"):
+        code = cli_main(["generate", "-model", str(folder), "--prompt", "hi", "--max-new-tokens", "3", *extra])
+    assert code == 0
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    if warned is None:
+        assert warnings == []
+    else:
+        assert any(message.startswith(warned) for message in warnings), warnings
 
 
 def test_cli_needs_heads(tmp_path, tiny_model_folder, capsys):

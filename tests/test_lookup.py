@@ -19,7 +19,7 @@ from test_draft_tree import assert_path_logits_equal_run_heads, recorded_path_lo
 
 from caft.cli import main
 from caft.draft_tree import FALLBACK_RANK_ACCURACY, DraftTree, ancestor_mask, attach_chain
-from caft.generate import choose_lookup_tokens, speculative_generate
+from caft.generate import SpeculativeStats, choose_lookup_tokens, speculative_generate
 from caft.heads import HeadsConfig, build_heads
 from caft.lookup import DEFAULT_LOOKUP_TOKENS, NgramLookup
 
@@ -171,10 +171,21 @@ def test_lookup_counters_keep_their_meaning(kind, lookup_tokens):
             assert stats.reached[depth + 1] <= stats.accepted[depth]
     assert stats.accepted_drafts == sum(stats.accepted) + stats.lookup_accepted
     assert stats.lookup_accepted <= stats.lookup_drafted
+    assert stats.lookup_tokens == lookup_tokens
     if lookup_tokens:
         assert stats.lookup_accepted > 0
+        assert f"{stats.lookup_accepted} of its {stats.lookup_drafted} tokens accepted" in stats.summary()
     else:
         assert stats.lookup_steps == stats.lookup_drafted == stats.lookup_accepted == 0
+        assert "prompt lookup" not in stats.summary()
+
+
+def test_summary_names_idle_lookup():
+    """With lookup on, the summary mentions it even when every proposal was already in the heads' tree."""
+    idle = SpeculativeStats(prompts=1, new_tokens=4, forwards=2, steps=1, lookup_tokens=4)
+    assert "prompt lookup found nothing the heads had not proposed" in idle.summary()
+    assert "prompt lookup" not in SpeculativeStats(prompts=1, new_tokens=4, forwards=2, steps=1).summary()
+    assert idle.merge(SpeculativeStats()).lookup_tokens == 4
 
 
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 3, 7, 12])
