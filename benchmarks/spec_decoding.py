@@ -39,6 +39,7 @@ from caft.generate import (  # noqa: E402
     SpeculativeStats,
     choose_tree,
     encode_prompt,
+    grouped_attention_in_kernel,
     load_heads_for,
     load_model_for_generation,
     prepacked_linears,
@@ -348,14 +349,20 @@ def main(argv=None) -> int:
     block_sizes = sorted({1} | {
         (len(method.tree) if method.tree is not None else method.num_draft or 0) + method.lookup_tokens + 1 for method in methods
     })
+    print()
     for prepacked in sorted({method.prepacked for method in methods}):
-        with prepacked_linears(model, heads) if prepacked else contextlib.nullcontext():
-            timings = time_block_forwards(model, prompts[0], context, block_sizes)
         label = "prepacked" if prepacked else "default"
-        print(f"\none cached forward after {context} tokens, {label} linears, by block size: " + ", ".join(
-            f"{size}: {seconds * 1000:.1f} ms ({seconds / timings[1]:.2f}x)" for size, seconds in timings.items()
-        ))
-        results[f"forward_seconds_by_block_{label}"] = timings
+        # caft generate verifies with grouped key/value heads in the attention kernel; the copying
+        # path of transformers is timed for comparison.
+        for grouped in (False, True):
+            switch = grouped_attention_in_kernel(next(model.parameters()).device) if grouped else contextlib.nullcontext()
+            with prepacked_linears(model, heads) if prepacked else contextlib.nullcontext(), switch:
+                timings = time_block_forwards(model, prompts[0], context, block_sizes)
+            attention = "grouped heads in the kernel (as caft generate)" if grouped else "transformers' copied heads"
+            print(f"one cached forward after {context} tokens, {label} linears, {attention}, by block size: " + ", ".join(
+                f"{size}: {seconds * 1000:.1f} ms ({seconds / timings[1]:.2f}x)" for size, seconds in timings.items()
+            ))
+            results[f"forward_seconds_by_block_{label}" + ("" if grouped else "_copied_heads")] = timings
     for method in methods:
         stats = totals[method.name]
         if method.num_draft is not None:
