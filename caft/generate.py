@@ -1132,6 +1132,8 @@ def _generate_all(args, prompts: list[str], model, heads, tokenizer, output_file
     total = SpeculativeStats()
     for index, prompt in enumerate(prompts):
         ids = encode_prompt(tokenizer, prompt, args.chat_template)
+        if len(prompts) > 1:  # completions may span several lines, so each one gets a header
+            print(f"### completion {index + 1}/{len(prompts)}", flush=True)
         on_tokens = None
         if args.stream:
             streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

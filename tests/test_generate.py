@@ -522,6 +522,22 @@ def test_load_heads_rejects_other_model(tiny_model_folder):
         load_heads_for(wider, folder / "heads")
 
 
+def test_cli_several_prompts_headed(tiny_model_folder, write_jsonl, capsys):
+    """With several prompts, stdout marks where each completion starts; one prompt prints the bare text."""
+    folder, _, _ = tiny_model_folder
+    path = write_jsonl([{"prompt": "one"}, {"prompt": "two"}, {"prompt": "three"}])
+
+    assert cli_main(["generate", "-model", str(folder), "--prompts-file", str(path), "--max-new-tokens", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if line.startswith("### completion")] == [
+        "### completion 1/3", "### completion 2/3", "### completion 3/3",
+    ]
+    assert lines[0] == "### completion 1/3"
+
+    assert cli_main(["generate", "-model", str(folder), "--prompt", "one", "--max-new-tokens", "4"]) == 0
+    assert "### completion" not in capsys.readouterr().out
+
+
 def test_cli_prompts_file_errors(tiny_model_folder, write_jsonl, capsys):
     folder, _, _ = tiny_model_folder
     path = write_jsonl([{"prompt": "ok"}, {"question": "no prompt field"}])
