@@ -39,13 +39,13 @@ from caft.generate import (  # noqa: E402
     SpeculativeStats,
     choose_tree,
     encode_prompt,
-    grouped_attention_in_kernel,
     load_heads_for,
     load_model_for_generation,
     prepacked_linears,
     speculative_generate,
     write_tree_stats,
 )
+from caft.grouped_attention import grouped_attention_in_kernel  # noqa: E402
 from caft.lookup import DEFAULT_LOOKUP_TOKENS  # noqa: E402
 
 DEFAULT_QUESTIONS = str(shared_data_dir() / "gsm8k" / "test.jsonl")
@@ -355,14 +355,14 @@ def main(argv=None) -> int:
         # caft generate verifies with grouped key/value heads in the attention kernel; the copying
         # path of transformers is timed for comparison.
         for grouped in (False, True):
-            switch = grouped_attention_in_kernel(next(model.parameters()).device) if grouped else contextlib.nullcontext()
+            switch = grouped_attention_in_kernel(model) if grouped else contextlib.nullcontext()
             with prepacked_linears(model, heads) if prepacked else contextlib.nullcontext(), switch:
                 timings = time_block_forwards(model, prompts[0], context, block_sizes)
             attention = "grouped heads in the kernel (as caft generate)" if grouped else "transformers' copied heads"
             print(f"one cached forward after {context} tokens, {label} linears, {attention}, by block size: " + ", ".join(
                 f"{size}: {seconds * 1000:.1f} ms ({seconds / timings[1]:.2f}x)" for size, seconds in timings.items()
             ))
-            results[f"forward_seconds_by_block_{label}" + ("" if grouped else "_copied_heads")] = timings
+            results[f"forward_seconds_by_block_{label}" + ("_grouped_heads" if grouped else "")] = timings
     for method in methods:
         stats = totals[method.name]
         if method.num_draft is not None:

@@ -33,7 +33,6 @@ import inspect
 import json
 import logging
 import math
-import os
 import sys
 import time
 import types
@@ -46,6 +45,7 @@ from torch import nn
 
 from .draft_tree import DEFAULT_TREE_SIZE, FALLBACK_RANK_ACCURACY, DraftTree, ancestor_mask, attach_chain, read_rank_accuracy
 from .eval_heads import RANKS, RESULTS_NAME
+from .grouped_attention import grouped_attention_in_kernel
 from .heads import AuxiliaryHeads, build_heads, find_decoder_layers, find_final_norm, load_heads_state, read_heads_file
 from .lookup import DEFAULT_LOOKUP_TOKENS, NgramLookup
 from .model import make_unembed, unwrap_causal_lm
@@ -167,7 +167,7 @@ class SpeculativeStats:
                 f"prompt lookup proposed new tokens in {self.lookup_steps} steps, {self.lookup_accepted} of its "
                 f"{self.lookup_drafted} tokens accepted; "
             )
-        elif self.lookup_tokens:
+        elif self.lookup_tokens and self.steps:
             lookup = "prompt lookup found nothing the heads had not proposed; "
         steps = f"{self.steps} step" + ("" if self.steps == 1 else "s")
         return (
@@ -416,34 +416,6 @@ def keep_cache_positions(cache, start: int, offsets: list[int]) -> None:
     cache.crop(start + len(offsets) - cache.get_seq_length())
 
 
-GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"
-"""The environment variable that makes transformers' SDPA attention pass `enable_gqa=True` (read at each call)."""
-
-
-@contextlib.contextmanager
-def grouped_attention_in_kernel(device: torch.device):
-    """On CPU, let SDPA attend grouped key/value heads in its kernel while verifying blocks.
-
-    With an attention mask and more than one query, transformers' SDPA attention copies every
-    cached key and value once per query head group (`repeat_kv`) in every layer, because CUDA
-    kernels lack grouped heads with a mask. Verification blocks always carry a mask, so on CPU
-    this copy cost SmolLM2 about 5 ms per step at 250 cached tokens. PyTorch's CPU kernel takes
-    the groups as they are. The switch is transformers' own, set for the duration and restored.
-    """
-    if device.type != "cpu":
-        yield
-        return
-    previous = os.environ.get(GQA_SWITCH)
-    os.environ[GQA_SWITCH] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[GQA_SWITCH]
-        else:
-            os.environ[GQA_SWITCH] = previous
-
-
 @contextlib.contextmanager
 def prepacked_linears(*modules: nn.Module):
     """Run the float32 CPU `nn.Linear` layers of `modules` through oneDNN with weights reordered once.
@@ -610,7 +582,7 @@ def speculative_generate(
     model.eval()
     heads.eval()
     try:
-        with _LastLayerCapture(model) as capture, grouped_attention_in_kernel(device):
+        with _LastLayerCapture(model) as capture, grouped_attention_in_kernel(model, heads):
             decoding.run(input_ids, capture)
     finally:
         model.train(modes[0])
@@ -1056,7 +1028,6 @@ def run_generate_command(args: argparse.Namespace) -> int:
         raise ValueError(f"--draft-vocab must be >= 0 (0 is the whole vocabulary), got {args.draft_vocab}.")
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}.")
-    _warn_about_slow_sizes(args.tree_size, args.draft_vocab)
     if args.prompt is not None and not args.prompt.strip():
         raise ValueError("--prompt is empty. Give the text to continue.")
     _check_output_path(args.output, args.prompts_file)
@@ -1069,6 +1040,7 @@ def run_generate_command(args: argparse.Namespace) -> int:
         heads_source = folder / "heads"
     heads = load_heads_for(model, heads_source)
     tree = choose_tree(args.tree_size, args.tree_stats, heads_source, len(heads), args.num_draft, args.temperature)
+    _warn_about_slow_sizes(args.tree_size, tree, args.lookup_tokens, args.draft_vocab, args.num_draft)
 
     output_file = open(args.output, "w", encoding="utf-8") if args.output else None
     try:
@@ -1085,19 +1057,22 @@ def run_generate_command(args: argparse.Namespace) -> int:
 
 
 LARGE_TREE = 64
-"""Above this many nodes, verifying a tree costs far more than it saves on CPU (docs/benchmarks.md)."""
+"""Tree nodes above which `caft generate` warns. docs/benchmarks.md measured trees of 2 to 16 nodes in float32, where
+blocks of 17 tokens already cost 1.6-2.2x one token on CPU; the limit is a rough estimate beyond that."""
 SMALL_DRAFT_VOCAB = 1024
 """Below this many ids, the heads cannot draft most tokens of ordinary text."""
 
 
-def _warn_about_slow_sizes(tree_size: int | None, draft_vocab: int) -> None:
+def _warn_about_slow_sizes(tree_size: int | None, tree: DraftTree | None, lookup_tokens: int, draft_vocab: int,
+                           num_draft: int | None) -> None:
     """Warn about sizes that keep the output exact but make decoding slower than without drafting."""
-    if tree_size is not None and tree_size > LARGE_TREE:
+    if tree is not None and len(tree) > LARGE_TREE:
         logger.warning(
-            "--tree-size %d: every step verifies up to %d tokens, which on CPU costs several times one token; "
-            "sizes from 2 to 8 were fastest in docs/benchmarks.md.", tree_size, tree_size + 1,
+            "--tree-size %d: each step verifies up to %d tokens (the tree, the lookup branch and the model's token), "
+            "which costs several times one token on CPU; trees of 2 to 8 were fastest in docs/benchmarks.md.",
+            tree_size, len(tree) + lookup_tokens + 1,
         )
-    if 0 < draft_vocab < SMALL_DRAFT_VOCAB:
+    if 0 < draft_vocab < SMALL_DRAFT_VOCAB and num_draft != 0:
         logger.warning(
             "--draft-vocab %d: the heads can only draft token ids below %d, so few drafts will be accepted; "
             "the default is %d (0 = all).", draft_vocab, draft_vocab, DEFAULT_DRAFT_VOCAB,

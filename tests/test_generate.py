@@ -22,14 +22,14 @@ from caft.generate import (
     _LastLayerCapture,
     _TokenChooser,
     _verify,
-    GQA_SWITCH,
     encode_prompt,
-    grouped_attention_in_kernel,
     load_heads_for,
     prepacked_linears,
     speculative_generate,
     SpeculativeStats,
 )
+from caft.grouped_attention import NAME as GROUPED_ATTENTION
+from caft.grouped_attention import grouped_attention_in_kernel
 from caft.heads import HeadsConfig, build_heads, find_decoder, save_heads
 from caft.lookup import DEFAULT_LOOKUP_TOKENS
 from caft.model import add_auxiliary_heads, make_unembed, run_heads
@@ -132,13 +132,12 @@ def test_prepacked_linears_skip_other_dtypes():
 
 
 def test_tree_verification_copies_no_grouped_cache(monkeypatch):
-    """Verification blocks carry a mask, and on CPU their cached keys and values are not copied per query head group."""
+    """Verification blocks carry a mask, and on CPU their cached keys and values are not copied per query head."""
     from transformers.integrations import sdpa_attention
 
     copies = []
     original = sdpa_attention.repeat_kv
     monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda hidden, n_rep: copies.append(n_rep) or original(hidden, n_rep))
-    monkeypatch.delenv(GQA_SWITCH, raising=False)
     model = tiny_model("llama", vocab_size=128)  # 4 query heads over 2 key/value heads
     heads = random_heads(model, **HEAD_VARIANTS["transformer-sibling"])
     prompt = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(5))
@@ -156,16 +155,40 @@ def test_tree_verification_copies_no_grouped_cache(monkeypatch):
     assert result.tokens == expected
     assert result.stats.steps > 0
     assert copies == []
-    assert GQA_SWITCH not in os.environ
+    assert model.config._attn_implementation == "sdpa"
 
 
-def test_grouped_attention_switch_is_restored(monkeypatch):
-    monkeypatch.setenv(GQA_SWITCH, "0")
-    with grouped_attention_in_kernel(torch.device("cpu")):
-        assert os.environ[GQA_SWITCH] == "1"
-    assert os.environ[GQA_SWITCH] == "0"
-    with grouped_attention_in_kernel(torch.device("meta")):  # other devices keep transformers' choice
-        assert os.environ[GQA_SWITCH] == "0"
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_grouped_attention_equals_sdpa(kind):
+    """Masked blocks, a causal prefill and one-token steps give sdpa's outputs; configs come back after an error."""
+    model = tiny_model(kind, vocab_size=128)
+    heads = random_heads(model, **HEAD_VARIANTS["transformer-sibling"])
+    prompt = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(2))
+    padded = torch.ones_like(prompt)
+    padded[0, :3] = 0
+
+    def outputs():
+        with torch.no_grad():
+            cache = DynamicCache(config=model.config)
+            prefill = model(prompt[:, :8], cache=cache, use_cache=True).logits
+            block = model(prompt[:, 8:], cache=cache, use_cache=True).logits  # 4 queries after 8 cached keys
+            step = model(prompt[:, :1], cache=cache, use_cache=True).logits
+            return prefill, block, step, model(prompt, attention_mask=padded).logits
+
+    expected = outputs()
+    with grouped_attention_in_kernel(model, heads) as switched:
+        assert switched == 1 + len(heads)  # the model's config and one copy per head
+        assert model.config._attn_implementation == GROUPED_ATTENTION
+        for got, want in zip(outputs(), expected):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert model.config._attn_implementation == "sdpa"
+
+    with pytest.raises(RuntimeError, match="inside"), grouped_attention_in_kernel(model):
+        raise RuntimeError("inside")
+    assert model.config._attn_implementation == "sdpa"
+    other = tiny_model(kind, vocab_size=128)
+    with grouped_attention_in_kernel(model):
+        assert other.config._attn_implementation == "sdpa"  # other models keep their attention
 
 
 def test_greedy_exercises_accept_and_reject():
@@ -579,19 +602,24 @@ def test_cli_rejects_bad_options(tiny_model_folder, tmp_path, capsys, extra, mes
 @pytest.mark.parametrize(
     "extra, warned",
     [
-        (["--tree-size", "200"], "--tree-size 200"),
+        (["--tree-size", "200", "--tree-stats", "{tmp}/eval_heads.json"], "--tree-size 200"),
+        (["--tree-size", "200"], None),  # the built-in rates allow 42 nodes for 2 heads
         (["--draft-vocab", "5"], "--draft-vocab 5"),
         (["--tree-size", "8", "--draft-vocab", "0"], None),
     ],
-    ids=["huge-tree", "tiny-draft-vocab", "usual-sizes"],
+    ids=["huge-tree", "tree-capped-by-rates", "tiny-draft-vocab", "usual-sizes"],
 )
-def test_cli_warns_slow_sizes(tiny_model_folder, caplog, extra, warned):
+def test_cli_warns_slow_sizes(tiny_model_folder, tmp_path, caplog, extra, warned):
     """Sizes that keep the output exact but slow decoding down run with a warning; usual sizes run silently."""
     folder, _, _ = tiny_model_folder
+    rates = [{"head": head, "rank_accuracy": [0.05] * 10} for head in (1, 2)]  # 10 + 100 possible nodes
+    (tmp_path / "eval_heads.json").write_text(json.dumps({"heads_results": rates}))
+    extra = [value.replace("{tmp}", str(tmp_path)) for value in extra]
     with caplog.at_level("WARNING", logger="caft.generate"):
         code = cli_main(["generate", "-model", str(folder), "--prompt", "hi", "--max-new-tokens", "3", *extra])
     assert code == 0
-    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    warnings = [record.getMessage() for record in caplog.records
+                if record.name == "caft.generate" and record.levelname == "WARNING"]
     if warned is None:
         assert warnings == []
     else:

@@ -186,6 +186,8 @@ def test_summary_names_idle_lookup():
     assert "prompt lookup found nothing the heads had not proposed" in idle.summary()
     assert "prompt lookup" not in SpeculativeStats(prompts=1, new_tokens=4, forwards=2, steps=1).summary()
     assert idle.merge(SpeculativeStats()).lookup_tokens == 4
+    no_steps = SpeculativeStats(prompts=1, new_tokens=1, forwards=1, lookup_tokens=4)  # max_new_tokens=1
+    assert "prompt lookup" not in no_steps.summary()
 
 
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 3, 7, 12])
