@@ -47,6 +47,7 @@ from .draft_tree import DEFAULT_TREE_SIZE, FALLBACK_RANK_ACCURACY, DraftTree, an
 from .eval_heads import RANKS, RESULTS_NAME
 from .grouped_attention import grouped_attention_in_kernel
 from .heads import AuxiliaryHeads, build_heads, find_decoder_layers, find_final_norm, load_heads_state, read_heads_file
+from .kv_cache import ReservedLayer, reserved_cache
 from .lookup import DEFAULT_LOOKUP_TOKENS, NgramLookup
 from .model import make_unembed, unwrap_causal_lm
 
@@ -277,9 +278,7 @@ class HeadDrafter:
         self.caches = [self._new_caches(head) for head in self.heads]
 
     def _new_caches(self, head) -> list:
-        from transformers import DynamicCache
-
-        return [DynamicCache(config=self.model.config) for _ in head.layers]
+        return [reserved_cache(self.model.config) for _ in head.layers]
 
     def draft_logits(self, capture: _LastLayerCapture, row: int) -> list[torch.Tensor]:
         """Return each head's logits (V,) at block position `row`; forget the block positions after it."""
@@ -615,17 +614,14 @@ class _SpeculativeDecoding:
         )
 
     def run(self, input_ids: torch.Tensor, capture: _LastLayerCapture) -> None:
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
         start = time.perf_counter()
         self.device = input_ids.device
         self.prompt_length = input_ids.shape[1]
         if self.lookup_tokens:
             self.lookup = NgramLookup(input_ids[0].tolist())
         self.drafter = HeadDrafter(self.model, self.heads, self.num_draft, use_cache=self.head_cache, draft_vocab=self.draft_vocab)
-        self.cache = DynamicCache(config=self.model.config)
-        if self.tree is not None and any(type(layer) is not DynamicLayer for layer in self.cache.layers):
+        self.cache = reserved_cache(self.model.config)
+        if self.tree is not None and any(type(layer) is not ReservedLayer for layer in self.cache.layers):
             raise ValueError(
                 f"Tree drafting needs a KV cache of full-attention layers; {type(self.model).__name__} uses "
                 "sliding-window or other layers. Use chain drafting without prompt lookup (--tree-size 0 --lookup-tokens 0)."
