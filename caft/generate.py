@@ -647,6 +647,7 @@ class _SpeculativeDecoding:
         remaining = self._commit_next(next_token)
         if remaining == 0:
             return None, []
+        committed = next_token
         drafts = [self.chooser.choose(logits) for logits in head_logits[:remaining]]
 
         tick = time.perf_counter()
@@ -660,7 +661,7 @@ class _SpeculativeDecoding:
             self.cache.crop(num_accepted - len(drafts))  # transformers 5 takes minus the number of tokens to drop
         self.stats.verify_s += time.perf_counter() - tick
 
-        if self._commit_drafts(next_token, drafts[:num_accepted]):
+        if self._commit_drafts(committed, drafts[:num_accepted]):
             return None, []
         return next_token, self._draft(capture, num_accepted) if self.num_draft else []
 
@@ -673,9 +674,10 @@ class _SpeculativeDecoding:
             return 0
         return remaining
 
-    def _commit_drafts(self, next_token: int, accepted: list[int]) -> bool:
-        """Append the accepted drafts up to the first end-of-sequence token; emit them; return whether generation has ended."""
-        new = [next_token]
+    def _commit_drafts(self, committed: int, accepted: list[int]) -> bool:
+        """Append the accepted drafts up to the first end-of-sequence token; emit them after `committed`, the token
+        `_commit_next` appended before them; return whether generation has ended."""
+        new = [committed]
         for draft in accepted:
             self.tokens.append(draft)
             new.append(draft)
@@ -1026,7 +1028,14 @@ def run_generate_command(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}.")
     if args.prompt is not None and not args.prompt.strip():
         raise ValueError("--prompt is empty. Give the text to continue.")
-    _check_output_path(args.output, args.prompts_file)
+    if args.temperature < 0 or not math.isfinite(args.temperature):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0 is greedy decoding), got {args.temperature}.")
+    if args.tree_size is not None and args.tree_size < 0:
+        raise ValueError(f"--tree-size must be >= 0, got {args.tree_size}.")
+    if args.heads is not None and not Path(args.heads).exists():
+        raise FileNotFoundError(f"--heads {args.heads}: no such folder or file. Pass the heads/ folder of `caft train-heads`.")
+    _check_output_path("--output", args.output, args.prompts_file)
+    _check_output_path("--save-tree-stats", args.save_tree_stats, args.prompts_file)
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts_file, args.prompt_field)
     model, tokenizer, folder = load_model_for_generation(args.model_name_or_path, args.dtype)
     heads_source = args.heads
@@ -1075,15 +1084,17 @@ def _warn_about_slow_sizes(tree_size: int | None, tree: DraftTree | None, lookup
         )
 
 
-def _check_output_path(output: str | None, prompts_file: str | None) -> None:
-    """Reject an --output path whose folder is missing or that is the prompts file, before any model is loaded."""
+def _check_output_path(flag: str, output: str | None, prompts_file: str | None) -> None:
+    """Reject an output path whose folder is missing, that is a folder or that is the prompts file, before loading."""
     if output is None:
         return
     path = Path(output)
     if not path.parent.is_dir():
-        raise FileNotFoundError(f"--output {output}: folder {path.parent} does not exist. Create it or pick another path.")
+        raise FileNotFoundError(f"{flag} {output}: folder {path.parent} does not exist. Create it or pick another path.")
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {output} is a folder; give a file path inside it, e.g. {path / 'out.jsonl'}.")
     if prompts_file is not None and path.exists() and path.resolve() == Path(prompts_file).resolve():
-        raise ValueError(f"--output {output} is the prompts file; writing it would overwrite the prompts. Pick another path.")
+        raise ValueError(f"{flag} {output} is the prompts file; writing it would overwrite the prompts. Pick another path.")
 
 
 def write_tree_stats(stats: SpeculativeStats, path: str | Path, source: str) -> None:

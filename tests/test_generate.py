@@ -191,6 +191,34 @@ def test_grouped_attention_equals_sdpa(kind):
         assert other.config._attn_implementation == "sdpa"  # other models keep their attention
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(num_draft=0),
+        dict(tree=DraftTree.from_rank_accuracy(FALLBACK_RANK_ACCURACY, DEFAULT_TREE_SIZE, 3), lookup_tokens=4),
+        dict(temperature=0.8, seed=3),
+        dict(temperature=0.8, seed=3, num_draft=0),
+    ],
+    ids=["greedy-chain", "greedy-no-drafts", "greedy-tree-lookup", "sampling-chain", "sampling-no-drafts"],
+)
+def test_streamed_tokens_in_order(options):
+    """The groups passed to on_tokens, joined, are the generated tokens in order, with no token missing or repeated."""
+    model = tiny_model("llama", seed=3)
+    heads = random_heads(model, **HEAD_VARIANTS["transformer-sibling"])
+    prompt = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(3))
+    streamed = []
+
+    result = speculative_generate(
+        model, heads, prompt, max_new_tokens=40, eos_token_id=[], on_tokens=streamed.extend, **options
+    )
+
+    assert streamed == result.tokens
+    assert len(result.tokens) == 40
+    if options.get("temperature", 0) == 0:
+        assert result.tokens == greedy_reference(model, prompt, 40)
+
+
 def test_greedy_exercises_accept_and_reject():
     """A tiny llama whose output falls into a loop: some drafts are accepted and some rejected, output unchanged."""
     model = tiny_model("llama", seed=3)
@@ -583,8 +611,14 @@ def test_cli_prompts_file_errors(tiny_model_folder, write_jsonl, capsys):
         (["--prompts-file", "{tmp}/prompts.jsonl", "--output", "{tmp}/prompts.jsonl"], "would overwrite the prompts"),
         (["--prompts-file", "{tmp}/empty_row.jsonl"], "line 2: field 'prompt' is empty"),
         (["--prompt", "hi", "--heads", "{tmp}/prompts.jsonl"], "is not a heads weights file"),
+        (["--prompt", "hi", "--heads", "{tmp}/no-heads"], "no such folder or file"),
+        (["--prompt", "hi", "--output", "{tmp}"], "is a folder"),
+        (["--prompt", "hi", "--save-tree-stats", "{tmp}/missing/stats.json"], "--save-tree-stats"),
+        (["--prompt", "hi", "--tree-size", "-1"], "--tree-size must be >= 0"),
+        (["--prompt", "hi", "--temperature", "-1"], "--temperature must be a finite number >= 0"),
     ],
-    ids=["empty-prompt", "negative-max-new-tokens", "missing-output-folder", "output-is-input", "empty-row", "not-heads"],
+    ids=["empty-prompt", "negative-max-new-tokens", "missing-output-folder", "output-is-input", "empty-row", "not-heads",
+         "missing-heads", "output-is-folder", "missing-stats-folder", "negative-tree-size", "negative-temperature"],
 )
 def test_cli_rejects_bad_options(tiny_model_folder, tmp_path, capsys, extra, message):
     folder, _, _ = tiny_model_folder
@@ -624,6 +658,29 @@ def test_cli_warns_slow_sizes(tiny_model_folder, tmp_path, caplog, extra, warned
         assert warnings == []
     else:
         assert any(message.startswith(warned) for message in warnings), warnings
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--prompt", " "], "--prompt is empty"),
+        (["--prompt", "hi", "--output", "{tmp}"], "is a folder"),
+        (["--prompt", "hi", "--save-tree-stats", "{tmp}/missing/stats.json"], "folder"),
+        (["--prompt", "hi", "--tree-size", "-1"], "--tree-size must be >= 0"),
+        (["--prompt", "hi", "--temperature", "-1"], "--temperature must be"),
+        (["--prompt", "hi", "--heads", "{tmp}/no-heads"], "no such folder or file"),
+    ],
+    ids=["empty-prompt", "output-is-folder", "missing-stats-folder", "negative-tree-size", "negative-temperature",
+         "missing-heads"],
+)
+def test_cli_checks_options_before_loading(tmp_path, capsys, extra, message):
+    """Option errors come before the model is loaded: with a model path that does not exist, they are what is reported."""
+    arguments = [value.replace("{tmp}", str(tmp_path)) for value in extra]
+
+    code = cli_main(["generate", "-model", str(tmp_path / "no-model"), *arguments])
+
+    assert code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_cli_needs_heads(tmp_path, tiny_model_folder, capsys):
