@@ -528,8 +528,7 @@ def speculative_generate(
     `draft_vocab` N lets the heads draft token ids below N only (see HeadDrafter); None or 0 is the whole vocabulary.
     """
     model = unwrap_causal_lm(model)
-    if temperature < 0 or not math.isfinite(temperature):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy decoding), got {temperature}.")
+    check_temperature(temperature, "temperature")
     if draft_vocab is not None and draft_vocab < 0:
         raise ValueError(f"draft_vocab must be >= 0 (0 is the whole vocabulary), got {draft_vocab}.")
     if lookup_tokens < 0:
@@ -977,11 +976,22 @@ def register(subparsers) -> None:
     parser.set_defaults(handler=run_generate_command)
 
 
+def check_temperature(temperature: float, name: str) -> None:
+    """Raise ValueError unless `temperature` is a finite number >= 0; `name` is the argument or flag in the message."""
+    if temperature < 0 or not math.isfinite(temperature):
+        raise ValueError(f"{name} must be a finite number >= 0 (0 is greedy decoding), got {temperature}.")
+
+
+def check_tree_size(tree_size: int | None) -> None:
+    """Raise ValueError for a negative --tree-size (None picks the default)."""
+    if tree_size is not None and tree_size < 0:
+        raise ValueError(f"--tree-size must be >= 0, got {tree_size}.")
+
+
 def choose_tree(tree_size: int | None, tree_stats: str | None, heads_source, num_heads: int, num_draft: int | None,
                 temperature: float) -> DraftTree | None:
     """Return the draft tree for `caft generate`'s options, or None for chain drafting."""
-    if tree_size is not None and tree_size < 0:
-        raise ValueError(f"--tree-size must be >= 0, got {tree_size}.")
+    check_tree_size(tree_size)
     if tree_size is None:
         tree_size = DEFAULT_TREE_SIZE if temperature == 0 else 0
     elif tree_size > 0 and temperature != 0:
@@ -1028,10 +1038,8 @@ def run_generate_command(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}.")
     if args.prompt is not None and not args.prompt.strip():
         raise ValueError("--prompt is empty. Give the text to continue.")
-    if args.temperature < 0 or not math.isfinite(args.temperature):
-        raise ValueError(f"--temperature must be a finite number >= 0 (0 is greedy decoding), got {args.temperature}.")
-    if args.tree_size is not None and args.tree_size < 0:
-        raise ValueError(f"--tree-size must be >= 0, got {args.tree_size}.")
+    check_temperature(args.temperature, "--temperature")
+    check_tree_size(args.tree_size)
     if args.heads is not None and not Path(args.heads).exists():
         raise FileNotFoundError(f"--heads {args.heads}: no such folder or file. Pass the heads/ folder of `caft train-heads`.")
     _check_output_path("--output", args.output, args.prompts_file)

@@ -3,10 +3,10 @@
 With grouped-query attention (fewer key/value heads than query heads), an attention mask and
 more than one query, transformers' SDPA attention copies each cached key and value head once for
 every query head that shares it (`repeat_kv`), in every layer. It does so because its CUDA
-kernels have no grouped heads with a mask. Speculative decoding verifies blocks of several tokens with a mask at every
-step, so on CPU this copy grows with the context. PyTorch's CPU kernel takes the groups as they
-are (`enable_gqa=True`). `grouped_attention_in_kernel` switches the given modules to this
-attention for the duration of a `with` block.
+kernels have no grouped heads with a mask. Speculative decoding verifies blocks of several
+tokens with a mask at every step, so on CPU this copy grows with the context. PyTorch's CPU
+kernel takes the groups as they are (`enable_gqa=True`). `grouped_attention_in_kernel` switches
+the given modules to this attention for the duration of a `with` block.
 """
 
 from __future__ import annotations
@@ -74,6 +74,8 @@ def grouped_attention_in_kernel(*modules: nn.Module):
                 configs[id(config)] = config
     if configs:
         register()
+    # NOTE: `_attn_implementation_internal` is transformers' private field behind `_attn_implementation` (5.x).
+    # Setting it directly skips the setter's walk over sub-configs, which the configs found here already cover.
     for config in configs.values():
         config._attn_implementation_internal = NAME
     try:
