@@ -11,6 +11,7 @@ without a traceback.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -143,20 +144,24 @@ def main(argv: list[str] | None = None) -> int:
         print("(run `caft --verbose COMMAND ...` for the traceback)", file=sys.stderr)
         return EXIT_INPUT_ERROR
     finally:
-        _close_process_group()
+        close_process_group()
 
 
-def _close_process_group() -> None:
+def close_process_group() -> None:
     """Destroy the torch.distributed process group a command opened (torchrun, accelerate launch).
 
     Left open, the group's background threads can still run while the interpreter exits, which
     aborted gloo workers with "terminate called without an active exception" on a loaded machine.
+    Garbage is collected first because the Trainer is in reference cycles (its callbacks point
+    back at it). Otherwise its DistributedDataParallel wrapper, whose reducer references the group,
+    outlives `destroy_process_group` and frees the group only during interpreter shutdown.
     """
     if "torch.distributed" not in sys.modules:
         return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -124,11 +125,16 @@ def run_worker(out_dir: Path, per_device_batch: int, accumulation: int) -> None:
             "logs": [entry for entry in trainer.state.log_history if "loss_head_0" in entry],
         }
         (out_dir / "summary.json").write_text(json.dumps(summary))
-    # As `caft` does at exit: an open gloo group aborted a worker at interpreter exit on a loaded machine.
-    import torch.distributed as dist
+    # The DDP wrapper's reducer references the process group, so the wrapper must be freed when
+    # `caft` closes the group at exit. A group freed during interpreter shutdown occasionally
+    # aborted a worker ("terminate called without an active exception").
+    from caft.cli import close_process_group
 
-    if dist.is_initialized():  # not in the one-process reference run
-        dist.destroy_process_group()
+    wrapper = weakref.ref(trainer.model_wrapped)
+    del trainer  # reference cycles (the recorder, the Trainer's callbacks) still reference it
+    close_process_group()  # a no-op in the one-process reference run
+    exit_record = {"wrapper_freed": wrapper() is None}
+    (out_dir / f"rank{args.process_index}-exit.json").write_text(json.dumps(exit_record))
 
 
 # The comparison --------------------------------------------------------------------------------------
@@ -184,6 +190,9 @@ def test_ddp_matches_one_process_per_head(tmp_path, one_process_run, per_device_
     assert ddp["world_size"] == 2
     assert ddp["wrapper"] == "DistributedDataParallel"
     assert one_process_run["world_size"] == 1
+    for rank in range(2):
+        exit_record = json.loads((tmp_path / f"rank{rank}-exit.json").read_text())
+        assert exit_record["wrapper_freed"], f"process {rank} kept its DDP wrapper after closing the group"
 
     # Every trainable parameter got a gradient on every process, at both steps (DDP runs with
     # find_unused_parameters=False): also at step 1, where the heads' coefficient is 0 and
