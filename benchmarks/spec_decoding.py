@@ -37,7 +37,6 @@ from caft.draft_tree import DEFAULT_TREE_SIZE  # noqa: E402
 from caft.generate import (  # noqa: E402
     DEFAULT_DRAFT_VOCAB,
     SpeculativeStats,
-    choose_tree,
     encode_prompt,
     load_heads_for,
     load_model_for_generation,
@@ -45,6 +44,7 @@ from caft.generate import (  # noqa: E402
     speculative_generate,
     write_tree_stats,
 )
+from caft.generate_cli import choose_tree  # noqa: E402
 from caft.grouped_attention import grouped_attention_in_kernel  # noqa: E402
 from caft.lookup import DEFAULT_LOOKUP_TOKENS  # noqa: E402
 

@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands():
     """Registration functions of the commands that live in their own modules."""
     registrations = []
-    for module_name in ("caft.evaluate_cli", "caft.distill", "caft.eval_heads", "caft.generate", "caft.inspect", "caft.plots"):
+    for module_name in ("caft.evaluate_cli", "caft.distill", "caft.eval_heads", "caft.generate_cli", "caft.inspect", "caft.plots"):
         try:
             module = __import__(module_name, fromlist=["register"])
         except ModuleNotFoundError as error:

@@ -19,7 +19,8 @@ from test_generate import (  # noqa: F401 (one_thread and tiny_model_folder are 
 from transformers import DynamicCache
 
 from caft.draft_tree import DEFAULT_TREE_SIZE, FALLBACK_RANK_ACCURACY, DraftTree, read_rank_accuracy
-from caft.generate import HeadDrafter, choose_tree, keep_cache_positions, speculative_generate, write_tree_stats
+from caft.generate import HeadDrafter, keep_cache_positions, speculative_generate, write_tree_stats
+from caft.generate_cli import choose_tree
 from caft.heads import HeadsConfig, build_heads, find_decoder
 from caft.model import add_auxiliary_heads, make_unembed, run_heads
 
@@ -271,7 +272,7 @@ def test_cli_tree_and_chain_agree(tiny_model_folder, capsys, caplog, tmp_path):
     outputs = {}
     for label, extra in {"tree": [], "chain": ["--tree-size", "0"]}.items():
         out = tmp_path / f"{label}.jsonl"
-        with caplog.at_level("INFO", logger="caft.generate"):
+        with caplog.at_level("INFO", logger="caft.generate_cli"):
             code = cli_main(["generate", "-model", str(folder), "--prompt", "Hello there", "--max-new-tokens", "12",
                              "--output", str(out), *extra])
         assert code == 0

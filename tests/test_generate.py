@@ -12,7 +12,8 @@ import sys
 
 import pytest
 import torch
-from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from conftest import tiny_config
+from transformers import AutoModelForCausalLM, DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from caft.cli import main as cli_main
 from caft.draft_tree import DEFAULT_TREE_SIZE, FALLBACK_RANK_ACCURACY, DraftTree
@@ -22,11 +23,14 @@ from caft.generate import (
     _LastLayerCapture,
     _TokenChooser,
     _verify,
+    crop_cache,
     encode_prompt,
     load_heads_for,
     prepacked_linears,
+    record_past_after_prefill,
     speculative_generate,
     SpeculativeStats,
+    tree_drafting_supported,
 )
 from caft.grouped_attention import NAME as GROUPED_ATTENTION
 from caft.grouped_attention import grouped_attention_in_kernel
@@ -51,6 +55,10 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+SLIDING_WINDOW = 4
+SLIDING_WINDOW_KINDS = ("gemma3", "mistral")  # every gemma3 layer of 2 is sliding; mistral slides with the window set
+
+
 def tiny_model(kind: str, vocab_size: int = 64, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     settings = dict(vocab_size=vocab_size, bos_token_id=None, eos_token_id=None)
@@ -61,6 +69,9 @@ def tiny_model(kind: str, vocab_size: int = 64, seed: int = 0, **overrides):
             max_position_embeddings=256, **settings,
         )
         return LlamaForCausalLM(config).eval()
+    if kind in SLIDING_WINDOW_KINDS:
+        config = tiny_config(kind, **settings, sliding_window=SLIDING_WINDOW)
+        return AutoModelForCausalLM.from_config(config).eval()
     config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **settings)
     return GPT2LMHeadModel(config).eval()
 
@@ -275,10 +286,34 @@ def test_num_draft_zero_is_plain_decoding():
     assert result.stats.reached == []
 
 
+@pytest.mark.parametrize("kind", SLIDING_WINDOW_KINDS)
+@pytest.mark.parametrize("head_cache", [True, False], ids=["head-cache", "recompute"])
+def test_sliding_window_greedy_equals_generate(kind, head_cache):
+    """Chain drafting crops sliding-window caches that have filled their window, and the output stays exact."""
+    model = tiny_model(kind, seed=2)  # its greedy output repeats, so copies of the last layer draft some tokens right
+    heads = build_heads(model, HeadsConfig(num_heads=3)).eval()
+    prompt = torch.randint(0, 64, (1, 3 * SLIDING_WINDOW), generator=torch.Generator().manual_seed(1))
+    expected = greedy_reference(model, prompt, 40)
+
+    result = speculative_generate(model, heads, prompt, max_new_tokens=40, eos_token_id=[], head_cache=head_cache)
+
+    assert not tree_drafting_supported(model)
+    assert result.tokens == expected
+    assert 0 < result.stats.accepted[0] < result.stats.reached[0]
+
+
+def test_sliding_window_rejects_tree():
+    model = tiny_model("gemma3")
+    heads = random_heads(model)
+
+    with pytest.raises(ValueError, match="Use chain drafting without prompt lookup"):
+        speculative_generate(model, heads, [1, 2, 3], max_new_tokens=4, tree=DraftTree.chain(2))
+
+
 # Head caches against the training-time heads ----------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gemma3"])
 @pytest.mark.parametrize("variant", list(HEAD_VARIANTS))
 @pytest.mark.parametrize("head_cache", [True, False], ids=["head-cache", "recompute"])
 def test_draft_logits_equal_run_heads(kind, variant, head_cache):
@@ -293,12 +328,11 @@ def test_draft_logits_equal_run_heads(kind, variant, head_cache):
     with torch.no_grad(), _LastLayerCapture(model) as capture:
         drafter = HeadDrafter(model, heads, num_draft=len(heads), use_cache=head_cache)
         model(input_ids=prompt, cache=cache, use_cache=True)
+        record_past_after_prefill(cache)  # the prompt already fills gemma3's window of 4
         drafter.draft_logits(capture, -1)
         for tokens, last_kept in blocks:
             model(input_ids=torch.tensor([tokens]), cache=cache, use_cache=True)
-            removed = len(tokens) - 1 - last_kept
-            if removed:
-                cache.crop(-removed)
+            crop_cache(cache, len(tokens) - 1 - last_kept)
             logits = drafter.draft_logits(capture, last_kept)
             kept += tokens[: last_kept + 1]
     assert cache.get_seq_length() == len(kept)
@@ -606,7 +640,7 @@ def test_cli_prompts_file_errors(tiny_model_folder, write_jsonl, capsys):
     "extra, message",
     [
         (["--prompt", "  "], "--prompt is empty"),
-        (["--prompt", "hi", "--max-new-tokens", "-5"], "--max-new-tokens must be >= 0, got -5"),
+        (["--prompt", "hi", "--max-new-tokens", "-5"], "--max-new-tokens must be >= 1, got -5"),
         (["--prompt", "hi", "--output", "{tmp}/missing/out.jsonl"], "does not exist"),
         (["--prompts-file", "{tmp}/prompts.jsonl", "--output", "{tmp}/prompts.jsonl"], "would overwrite the prompts"),
         (["--prompts-file", "{tmp}/empty_row.jsonl"], "line 2: field 'prompt' is empty"),
@@ -643,11 +677,11 @@ def test_cli_warns_slow_sizes(tiny_model_folder, tmp_path, caplog, extra, warned
     rates = [{"head": head, "rank_accuracy": [0.05] * 10} for head in (1, 2)]  # 10 + 100 possible nodes
     (tmp_path / "eval_heads.json").write_text(json.dumps({"heads_results": rates}))
     extra = [value.replace("{tmp}", str(tmp_path)) for value in extra]
-    with caplog.at_level("WARNING", logger="caft.generate"):
+    with caplog.at_level("WARNING", logger="caft.generate_cli"):
         code = cli_main(["generate", "-model", str(folder), "--prompt", "hi", "--max-new-tokens", "3", *extra])
     assert code == 0
     warnings = [record.getMessage() for record in caplog.records
-                if record.name == "caft.generate" and record.levelname == "WARNING"]
+                if record.name == "caft.generate_cli" and record.levelname == "WARNING"]
     if warned is None:
         assert warnings == []
     else:
@@ -657,24 +691,64 @@ def test_cli_warns_slow_sizes(tiny_model_folder, tmp_path, caplog, extra, warned
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--prompt", "hi", "--max-new-tokens", "-5"], "--max-new-tokens must be >= 0"),
+        (["--prompt", "hi", "--max-new-tokens", "-5"], "--max-new-tokens must be >= 1, got -5"),
+        (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
         (["--prompt", "hi", "--output", "{tmp}"], "is a folder"),
         (["--prompt", "hi", "--save-tree-stats", "{tmp}/missing/stats.json"], "folder"),
         (["--prompt", "hi", "--tree-size", "-1"], "--tree-size must be >= 0"),
         (["--prompt", "hi", "--temperature", "-1"], "--temperature must be"),
         (["--prompt", "hi", "--heads", "{tmp}/no-heads"], "no such folder or file"),
+        (["--prompt", "hi", "--num-draft", "-1"], "--num-draft must be >= 0 (0 decodes one token per forward), got -1"),
+        (["--prompt", "hi", "--heads", "{tmp}/heads", "--num-draft", "3"], "--num-draft 3 is more than the 2 heads"),
     ],
-    ids=["negative-max-new-tokens", "output-is-folder", "missing-stats-folder", "negative-tree-size",
-         "negative-temperature", "missing-heads"],
+    ids=["negative-max-new-tokens", "zero-max-new-tokens", "output-is-folder", "missing-stats-folder",
+         "negative-tree-size", "negative-temperature", "missing-heads", "negative-num-draft", "num-draft-above-heads"],
 )
 def test_cli_checks_options_before_loading(tmp_path, capsys, extra, message):
     """Option errors come before the model is loaded: with a model path that does not exist, they are what is reported."""
+    (tmp_path / "heads").mkdir()
+    (tmp_path / "heads" / "config.json").write_text(json.dumps({"num_heads": 2}))
     arguments = [value.replace("{tmp}", str(tmp_path)) for value in extra]
 
     code = cli_main(["generate", "-model", str(tmp_path / "no-model"), *arguments])
 
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.fixture
+def sliding_window_folder(tmp_path, smol_tokenizer):
+    """A tiny gemma3 (sliding-window layers) with the SmolLM2 vocabulary, its tokenizer and a heads/ folder."""
+    model = tiny_model("gemma3", vocab_size=len(smol_tokenizer), eos_token_id=smol_tokenizer.eos_token_id)
+    folder = tmp_path / "gemma3"
+    model.save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    save_heads(random_heads(model, num_heads=2), folder / "heads")
+    return folder, model
+
+
+def test_cli_sliding_window_drafts_chain(sliding_window_folder, smol_tokenizer, caplog, capsys):
+    """By default, a sliding-window model decodes with chain drafting instead of the default tree and lookup."""
+    folder, model = sliding_window_folder
+
+    with caplog.at_level("INFO", logger="caft.generate_cli"):
+        code = cli_main(["generate", "-model", str(folder), "--prompt", "Hello there", "--max-new-tokens", "12"])
+
+    assert code == 0
+    assert any("drafting a chain of head tokens" in record.getMessage() for record in caplog.records)
+    prompt = torch.tensor([encode_prompt(smol_tokenizer, "Hello there")])
+    expected = greedy_reference(model, prompt, 12, eos_token_id=smol_tokenizer.eos_token_id)
+    assert capsys.readouterr().out.strip() == smol_tokenizer.decode(expected, skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("extra", [["--tree-size", "4"], ["--lookup-tokens", "2"]], ids=["tree", "lookup"])
+def test_cli_sliding_window_rejects_tree(sliding_window_folder, capsys, extra):
+    folder, _ = sliding_window_folder
+
+    code = cli_main(["generate", "-model", str(folder), "--prompt", "Hello", "--max-new-tokens", "4", *extra])
+
+    assert code == 2
+    assert "Use --tree-size 0 --lookup-tokens 0" in capsys.readouterr().err
 
 
 def test_cli_needs_heads(tmp_path, tiny_model_folder, capsys):

@@ -19,7 +19,8 @@ from test_draft_tree import assert_path_logits_equal_run_heads, recorded_path_lo
 
 from caft.cli import main
 from caft.draft_tree import FALLBACK_RANK_ACCURACY, DraftTree, ancestor_mask, attach_chain
-from caft.generate import SpeculativeStats, choose_lookup_tokens, speculative_generate
+from caft.generate import SpeculativeStats, speculative_generate
+from caft.generate_cli import choose_lookup_tokens
 from caft.heads import HeadsConfig, build_heads
 from caft.lookup import DEFAULT_LOOKUP_TOKENS, NgramLookup
 
