@@ -173,6 +173,8 @@ def apply_finetune_method(model: nn.Module, config: TrainConfig) -> nn.Module:
     if config.finetune_method == "lora":
         from peft import LoraConfig, get_peft_model
 
+        from .trainer import HEADS_LORA_PATTERN
+
         target = lora_target_regex(model, config.lora_target_modules, include_heads=train_heads)
         multiplier = config.heads_r_multiplier
         lora_config = LoraConfig(
@@ -180,8 +182,8 @@ def apply_finetune_method(model: nn.Module, config: TrainConfig) -> nn.Module:
             lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout,
             target_modules=target,
-            rank_pattern={r"caft_heads\..*": config.lora_r * multiplier} if train_heads else {},
-            alpha_pattern={r"caft_heads\..*": config.lora_alpha * multiplier} if train_heads else {},
+            rank_pattern={HEADS_LORA_PATTERN: config.lora_r * multiplier} if train_heads else {},
+            alpha_pattern={HEADS_LORA_PATTERN: config.lora_alpha * multiplier} if train_heads else {},
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora_config)

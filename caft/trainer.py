@@ -14,6 +14,7 @@ What it changes in the Trainer:
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import os
@@ -48,6 +49,8 @@ from .tracking import check_report_to, place_tensorboard_logs
 logger = logging.getLogger(__name__)
 
 HEADS_CHECKPOINT_NAME = "caft_heads.safetensors"
+HEADS_LORA_PATTERN = r"caft_heads\..*"
+"""The peft rank and alpha pattern key that gives the heads' LoRA layers their own rank (--heads-r-multiplier)."""
 REAL_EVAL_DECAY = 0.8
 
 _BaseTrainer = transformers.Trainer
@@ -237,6 +240,7 @@ class CAFTTrainer(_BaseTrainer):
         if not self._trains_heads_only:
             # Training only the heads leaves the base model as loaded, so its checkpoints hold the heads alone.
             model.save_pretrained(output_dir, state_dict=plain_state, safe_serialization=True)
+            _drop_head_patterns(os.path.join(output_dir, "adapter_config.json"))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
@@ -362,6 +366,29 @@ class CAFTTrainer(_BaseTrainer):
         missing, unexpected = heads.load_state_dict(load_file(path), strict=False)
         if missing or unexpected:
             raise ValueError(f"Checkpoint {path} does not match the heads: missing {missing}, unexpected {unexpected}.")
+
+
+def _drop_head_patterns(adapter_config_path: str) -> None:
+    """Remove the heads' entries from a saved adapter's `rank_pattern` and `alpha_pattern`, if it is an adapter.
+
+    The adapter file contains no head weights (the heads/ folder has them, merged), so on a base
+    model without heads those entries match nothing, and peft warns about them at every load.
+    Resuming is unaffected, since the Trainer loads a checkpoint into the adapter it has already built.
+    """
+    if not os.path.isfile(adapter_config_path):
+        return
+    with open(adapter_config_path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    changed = False
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(key) or {}
+        kept = {pattern: value for pattern, value in patterns.items() if pattern != HEADS_LORA_PATTERN}
+        if kept != patterns:
+            config[key] = kept
+            changed = True
+    if changed:
+        with open(adapter_config_path, "w", encoding="utf-8") as handle:
+            json.dump(config, handle, indent=2)
 
 
 def _is_peft(model) -> bool:

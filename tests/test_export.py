@@ -83,6 +83,20 @@ def lora_run(request, tmp_path_factory, tiny_model_dir, untied_model_dir, gsm8k_
     return run_dir, base_dir
 
 
+def test_adapter_loads_without_pattern_warnings(lora_run):
+    """The saved adapter has no head weights, so its config names no head patterns that a plain base cannot match."""
+    import warnings
+
+    run_dir, base_dir = lora_run
+    config = json.loads((run_dir / "adapter_config.json").read_text())
+    assert not any("caft_heads" in pattern for pattern in config["rank_pattern"])
+    assert not any("caft_heads" in pattern for pattern in config["alpha_pattern"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        adapter_model(run_dir, base_dir)
+    assert not [str(warning.message) for warning in caught if "pattern" in str(warning.message)]
+
+
 def test_export_loads_plainly_and_equals_adapter_model(tmp_path, lora_run):
     run_dir, base_dir = lora_run
     out = export_model(run_dir, tmp_path / "export")

@@ -172,6 +172,25 @@ def test_sigterm_mid_epoch_then_resume_matches(tmp_path, monkeypatch, reference_
     assert_same_weights(reference_dir / "adapter_model.safetensors", run_dir / "adapter_model.safetensors")
 
 
+def test_resume_with_head_lora_matches(tmp_path, monkeypatch, tiny_model_dir, gsm8k_files):
+    """LoRA on the heads at twice the rank: the saved adapter config names no head pattern, and resuming is still exact."""
+    heads_lora = dict(finetune_heads=True, heads_r_multiplier=2, epochs=1)
+    reference_dir = tmp_path / "reference"
+    run_train(make_config(tiny_model_dir, gsm8k_files[0], reference_dir, **heads_lora))
+    run_dir = tmp_path / "run"
+
+    with monkeypatch.context() as patch:
+        add_callback(patch, SignalAtStep(2, run_dir))
+        with pytest.raises(TrainingInterrupted):
+            run_train(make_config(tiny_model_dir, gsm8k_files[0], run_dir, **heads_lora))
+    assert "caft_heads" not in (run_dir / "checkpoint-2" / "adapter_config.json").read_text()
+    run_train(make_config(tiny_model_dir, gsm8k_files[0], run_dir, continue_from_checkpoint=True, **heads_lora))
+
+    assert_same_losses(train_losses(reference_dir / "loss_log.csv"), train_losses(run_dir / "loss_log.csv"))
+    assert_same_weights(reference_dir / "adapter_model.safetensors", run_dir / "adapter_model.safetensors")
+    assert_same_weights(reference_dir / "heads" / "model.safetensors", run_dir / "heads" / "model.safetensors")
+
+
 def test_resume_rejects_other_finetune_method(tmp_path, monkeypatch, tiny_model_dir, gsm8k_files):
     run_dir = tmp_path / "run"
     with monkeypatch.context() as patch:
