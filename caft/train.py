@@ -167,6 +167,20 @@ def lora_target_regex(model: nn.Module, targets: list[str], include_heads: bool)
     return rf"^{prefix}(.*\.)?({alternatives})$"
 
 
+def checkpointing_arguments(enabled: bool) -> dict:
+    """Return the TrainingArguments fields that switch activation checkpointing on or off.
+
+    Recent transformers 5 releases call the option `activation_checkpointing` and warn at every
+    run when the old name `gradient_checkpointing` is passed. Releases without the new field get
+    the old name.
+    """
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
 def apply_finetune_method(model: nn.Module, config: TrainConfig) -> nn.Module:
     """Make the stage-2 parameters trainable: LoRA adapters or full weights, heads per -ft-heads."""
     train_heads = config.finetune_heads and config.mode == "caft"
@@ -237,8 +251,7 @@ def training_arguments(config: TrainConfig, output_dir: Path, **overrides):
         report_to=[] if config.report_to == "none" else [config.report_to],
         remove_unused_columns=False,
         label_names=["labels"],
-        gradient_checkpointing=config.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        **checkpointing_arguments(config.gradient_checkpointing),
         bf16=config.dtype == "bfloat16" and torch.cuda.is_available(),
         load_best_model_at_end=config.early_stopping_patience is not None and has_eval,
         metric_for_best_model="eval_loss" if config.early_stopping_patience is not None else None,
@@ -367,8 +380,7 @@ def pretrain_heads(
         save_strategy="steps" if config.save_steps else "no",
         eval_strategy="no",
         load_best_model_at_end=False,
-        gradient_checkpointing=False,
-        gradient_checkpointing_kwargs=None,
+        **checkpointing_arguments(False),
         has_eval=False,
     )
     trainer = make_trainer(model, tokenizer, args, train_rows, [], collator)

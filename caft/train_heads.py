@@ -19,6 +19,7 @@ from .config import TrainConfig, save_config
 from .heads import save_heads
 from .train import (
     TrainResult,
+    checkpointing_arguments,
     format_head_metrics,
     load_data,
     make_trainer,
@@ -108,8 +109,7 @@ def run_train_heads(config: TrainConfig) -> TrainResult:
         config,
         output_dir,
         per_device_train_batch_size=config.per_device_batch_size * config.pretrain_bs_multiplier,
-        gradient_checkpointing=False,
-        gradient_checkpointing_kwargs=None,
+        **checkpointing_arguments(False),
         has_eval=bool(eval_rows),
     )
     trainer = make_trainer(model, tokenizer, args, train_rows, eval_rows, make_collator(tokenizer))

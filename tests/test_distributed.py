@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 import weakref
 from pathlib import Path
 
@@ -269,8 +270,11 @@ def test_gradient_checkpointing_reaches_every_trainable_parameter(tmp_path, meth
     model = tiny_model("llama", seed=0)
     setup_heads(model, config)
     model = apply_finetune_method(model, config)
-    args = training_arguments(config, tmp_path, max_steps=1, save_strategy="no", disable_tqdm=True, has_eval=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = training_arguments(config, tmp_path, max_steps=1, save_strategy="no", disable_tqdm=True, has_eval=False)
     assert args.gradient_checkpointing
+    assert not [str(warning.message) for warning in caught if "is deprecated" in str(warning.message)]
     trainer = make_trainer(model, None, args, worker_rows()[:4], [], CAFTCollator(pad_token_id=0))
     recorder = GradientRecorder(trainer, tmp_path)
     trainer.add_callback(recorder)
