@@ -18,6 +18,12 @@ What the sandbox does, per program:
 - sets kernel limits in the child before the program starts: RLIMIT_AS (address space,
   `memory_mb`), RLIMIT_CPU, RLIMIT_FSIZE (size of written files), RLIMIT_NOFILE, RLIMIT_CORE=0
   and, when not running as root, RLIMIT_NPROC (the kernel ignores it for root);
+- moves the program into a new network namespace, which has only a loopback device that is
+  switched off, so no connection leaves it (root creates one directly; other users together
+  with a new user namespace, where the kernel allows unprivileged user namespaces). It also
+  makes `socket.socket()` and name lookups raise PermissionError. Where the kernel refuses the
+  namespace, only that Python-level guard remains; `ExecResult.network` says which, and a
+  warning is logged once;
 - replaces the process-creation functions of `os`, `posix` and `_posixsubprocess` (fork,
   exec*, system, posix_spawn, subprocess) with functions that raise PermissionError, because
   under root RLIMIT_NPROC cannot stop a fork bomb;
@@ -37,12 +43,14 @@ wall-clock timeout, and a process that calls setsid() leaves the process group a
 the kill. A program running as root can also raise its own resource limits again. RLIMIT_AS
 bounds the virtual memory of each process, not of the machine.
 
-NOTE: the network is not blocked. A program can open sockets and reach any host the caller
-can reach; run untrusted code in a container without network access if that matters.
+The network namespace does not cover Unix sockets that are files (such as a Docker socket the
+user can open), and without the namespace, native code or the C-level `_socket.socket` can
+bypass the Python-level guard.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import selectors
@@ -70,6 +78,8 @@ MAX_OPEN_FILES = 64
 NPROC_MARGIN = 32
 # Seconds to wait for the pipes to close after the process group has been killed.
 DRAIN_TIMEOUT_S = 1.0
+
+logger = logging.getLogger(__name__)
 
 _SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
 _PROGRAM_NAME = "program.py"
@@ -107,6 +117,27 @@ def _block_process_creation():
                 setattr(module, name, blocked)
     _posixsubprocess.fork_exec = blocked
 
+def _isolate_network():
+    # A new network namespace has only a loopback device, switched off, so every connection fails.
+    # Root may create one directly; other users need a new user namespace with it.
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    clone_newnet, clone_newuser = 0x40000000, 0x10000000
+    for flags in (clone_newnet, clone_newuser | clone_newnet):
+        if libc.unshare(flags) == 0:
+            return "namespace"
+    return "guard"
+
+def _block_sockets():
+    import socket, _socket
+    def blocked(*args, **kwargs):
+        raise PermissionError("network access is disabled in the caft sandbox")
+    socket.socket.__init__ = blocked  # the class stays, so modules that subclass it still import
+    for module in (socket, _socket):
+        for name in ("getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr"):
+            if hasattr(module, name):
+                setattr(module, name, blocked)
+
 def _print_traceback(error):
     import traceback
     # Skip the frame of _main so the traceback starts in the program.
@@ -129,9 +160,12 @@ def _main():
     # NOTE: the tests run as root, so this branch has not been run by them.
     if os.getuid() != 0:
         _set_limit(resource.RLIMIT_NPROC, _count_user_tasks(os.getuid()) + nproc_margin)
+    # After the limits: a new user namespace changes what os.getuid() returns.
+    _report(status_fd, "network " + _isolate_network() + "\n")
     with open(path, encoding="utf-8") as file:
         source = file.read()
     _block_process_creation()
+    _block_sockets()
     sys.argv = [path]
     namespace = {"__name__": "__main__", "__file__": path, "__builtins__": __builtins__}
     _set_limit(resource.RLIMIT_AS, memory_bytes)
@@ -183,6 +217,9 @@ class ExecResult:
     """Exit status of the interpreter; negative for a signal, None if it never started."""
     detail: str = ""
     """A short explanation of the status, for logs."""
+    network: str = ""
+    """The network isolation the program ran with: "namespace" (a new network namespace, plus the
+    Python-level guard), "guard" (the Python-level guard only) or "" (it did not get that far)."""
 
 
 class _Tail:
@@ -247,6 +284,33 @@ def _read_status(fd: int) -> str:
         return os.read(fd, 4096).decode("utf-8", errors="replace").strip()
     except BlockingIOError:
         return ""
+
+
+def _split_status(text: str) -> tuple[str, str]:
+    """Split what the child wrote to the status pipe into its network mode and its final status line."""
+    network, status_line = "", ""
+    for line in text.splitlines():
+        if line.startswith("network "):
+            network = line[len("network "):]
+        elif line:
+            status_line = line
+    return network, status_line
+
+
+_warned_network_guard = False
+
+
+def _warn_network_guard_only() -> None:
+    """Log once per process that the kernel refused the sandbox a network namespace."""
+    global _warned_network_guard
+    if _warned_network_guard:
+        return
+    _warned_network_guard = True
+    logger.warning(
+        "Failed to create a network namespace for the sandbox (not root, and unprivileged user namespaces are "
+        "off), so only a Python-level guard keeps generated programs off the network, and native code can "
+        "bypass it. Run evaluations of untrusted code in a container without network access."
+    )
 
 
 def _read_available(selector: selectors.BaseSelector, tails: dict[str, _Tail], timeout: float, max_bytes: int) -> bool:
@@ -370,8 +434,10 @@ def _run_in(workdir: str, path: str, timeout_s: float, memory_mb: int, cpu_s: in
     returncode = process.wait()
     process.stdout.close()
     process.stderr.close()
-    status_line = _read_status(status_read)
+    network, status_line = _split_status(_read_status(status_read))
     os.close(status_read)
+    if network == "guard":
+        _warn_network_guard_only()
     duration = time.monotonic() - start
 
     if output_exceeded:
@@ -388,6 +454,7 @@ def _run_in(workdir: str, path: str, timeout_s: float, memory_mb: int, cpu_s: in
         duration_s=duration,
         returncode=returncode,
         detail=detail,
+        network=network,
     )
 
 

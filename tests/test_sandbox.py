@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import time
 from pathlib import Path
+
+import pytest
 
 from caft.sandbox import OUTPUT_TAIL_BYTES, ExecResult, run_code, run_many
 
@@ -139,6 +143,59 @@ def test_child_holding_pipes_does_not_delay_result():
 
     assert result.duration_s < 3
     assert "parent done" in result.stdout
+
+
+# Connects with libc's socket() and connect(), below Python's socket module and its guard; prints errno (0 = connected).
+RAW_CONNECT = """
+import ctypes, socket, struct
+libc = ctypes.CDLL(None, use_errno=True)
+fd = libc.socket(socket.AF_INET, socket.SOCK_STREAM, 0)
+address = struct.pack("=HH4s8x", socket.AF_INET, socket.htons(PORT), socket.inet_aton("127.0.0.1"))
+result = libc.connect(fd, ctypes.c_char_p(address), len(address))
+print("errno", 0 if result == 0 else ctypes.get_errno())
+libc.close(fd)
+"""
+
+
+@pytest.fixture
+def loopback_server():
+    """A TCP server on 127.0.0.1 that accepts connections; yields its port."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.listen()
+    yield server.getsockname()[1]
+    server.close()
+
+
+def test_network_namespace_blocks_raw_connect(loopback_server):
+    """Even native code cannot reach a server that the caller reaches (the kernel refuses: no network)."""
+    program = RAW_CONNECT.replace("PORT", str(loopback_server))
+    namespace = {}
+    exec(program.replace("print(", "namespace['line'] = ("), {"namespace": namespace})
+    assert namespace["line"] == ("errno", 0)  # the same code connects from the caller
+
+    result = run_code(program, timeout_s=10)
+
+    assert result.network == "namespace"
+    assert result.passed, result.stderr
+    assert result.stdout.split() != ["errno", "0"]
+    assert int(result.stdout.split()[1]) == errno.ENETUNREACH
+
+
+def test_socket_module_blocked(loopback_server):
+    programs = [
+        f"import socket\nsocket.create_connection(('127.0.0.1', {loopback_server}), timeout=2)\n",
+        "import socket\nsocket.getaddrinfo('localhost', 80)\n",
+        "import urllib.request\nurllib.request.urlopen('http://127.0.0.1:%d/', timeout=2)\n" % loopback_server,
+    ]
+    for program, result in zip(programs, run_many(programs, workers=2, timeout_s=10)):
+        assert result.status == "error", program
+        assert "network access is disabled in the caft sandbox" in result.stderr, program
+
+
+def test_modules_subclassing_socket_still_import():
+    result = run_code("import ssl, asyncio, http.client\nassert issubclass(ssl.SSLSocket, __import__('socket').socket)\n", timeout_s=10)
+
+    assert result.passed, result.stderr
 
 
 def test_parent_secrets_not_visible(monkeypatch):
