@@ -334,9 +334,7 @@ def test_accelerate_launch_caft_train_heads(tmp_path, tiny_model_dir, gsm8k_file
     accelerate = Path(sys.executable).parent / "accelerate"
     config = REPO / "configs" / "accelerate" / "ddp.yaml"
     command = [str(accelerate), "launch", "--config_file", str(config), "--num_processes", "2", "-m", "caft.cli", "train-heads"]
-    # NOTE: run_train_heads writes config.yaml on every process, so process 1 can fill the folder before
-    # process 0 checks that it is empty; --overwrite-output-dir skips that check until the write is main-only.
-    run_checked(command + cli_args(tiny_model_dir, gsm8k_files[0], tmp_path / "run") + ["--overwrite-output-dir"])
+    run_checked(command + cli_args(tiny_model_dir, gsm8k_files[0], tmp_path / "run"))
     assert logged_epochs(tmp_path / "run") == [0.5, 1.0]
     assert json.loads((tmp_path / "run" / "heads" / "config.json").read_text())["num_heads"] == 2
 
