@@ -15,6 +15,7 @@ import gc
 import logging
 import os
 import sys
+import traceback
 
 from .config import TrainConfig, add_config_arguments, load_config
 from .export import add_export_arguments
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
 
     try:
-        return args.handler(args)
+        return _run_command(args)
     # OSError includes a model or tokenizer that cannot be downloaded or read (no network, wrong path).
     except (DataError, OSError, ValueError) as error:
         if args.verbose:
@@ -145,6 +146,20 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INPUT_ERROR
     finally:
         close_process_group()
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """Run the command's handler. When it raises, clear the local variables of its finished frames.
+
+    An exception on its way out (Ctrl-C, the checkpoint-and-exit of SIGTERM, an error under
+    --verbose) keeps its traceback's frames, and with them the Trainer and its process group,
+    alive until interpreter exit, where `close_process_group` could not free them.
+    """
+    try:
+        return args.handler(args)
+    except BaseException as error:
+        traceback.clear_frames(error.__traceback__)
+        raise
 
 
 def close_process_group() -> None:

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from .draft_tree import DraftTree, ancestor_mask, attach_chain
 from .eval_heads import RANKS
@@ -401,14 +402,22 @@ def causal_block_mask(length: int, past: int, dtype: torch.dtype, device) -> tor
     return mask
 
 
-def tree_drafting_supported(model: nn.Module) -> bool:
-    """Return whether every layer of `model` caches full attention, as tree verification and prompt lookup need.
+def drafting_support(model: nn.Module) -> str:
+    """Return "tree" when every cache layer of `model` is full attention, "chain" when some are sliding-window.
 
     A tree block keeps only its accepted branch, which `keep_cache_positions` moves within each
     layer's keys. Sliding-window layers keep a window of keys that this cannot rearrange, so models
-    with them decode with chain drafting only.
+    with them decode with chain drafting only, and without prompt lookup. Other layers (linear
+    attention, for example) cannot be cropped back after rejected drafts: ValueError.
     """
-    return all(type(layer) is ReservedLayer for layer in reserved_cache(model.config).layers)
+    kinds = {type(layer) for layer in reserved_cache(model.config).layers}
+    other = sorted(kind.__name__ for kind in kinds - {ReservedLayer, DynamicSlidingWindowLayer})
+    if other:
+        raise ValueError(
+            f"{type(model).__name__} has KV cache layers of type {', '.join(other)}, which speculative decoding "
+            "cannot crop back after rejected drafts; only models with full or sliding-window attention are supported."
+        )
+    return "chain" if DynamicSlidingWindowLayer in kinds else "tree"
 
 
 def record_past_after_prefill(cache) -> None:
@@ -421,7 +430,7 @@ def record_past_after_prefill(cache) -> None:
     keeps a long prompt from being held whole, as transformers' own assisted decoding does.
     """
     for layer in cache.layers:
-        if hasattr(layer, "activate_past_recording") and not getattr(layer, "record_past", False):
+        if type(layer) is DynamicSlidingWindowLayer and not layer.record_past:
             layer.activate_past_recording()
 
 
@@ -654,7 +663,7 @@ class _SpeculativeDecoding:
             self.lookup = NgramLookup(input_ids[0].tolist())
         self.drafter = HeadDrafter(self.model, self.heads, self.num_draft, use_cache=self.head_cache, draft_vocab=self.draft_vocab)
         self.cache = reserved_cache(self.model.config)
-        if self.tree is not None and not tree_drafting_supported(self.model):
+        if drafting_support(self.model) != "tree" and self.tree is not None:
             raise ValueError(
                 f"Tree drafting and prompt lookup need a KV cache of full-attention layers; {type(self.model).__name__} "
                 "uses sliding-window or other layers. Use chain drafting without prompt lookup (tree=None, "

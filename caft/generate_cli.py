@@ -19,17 +19,17 @@ import torch
 
 from .draft_tree import DEFAULT_TREE_SIZE, FALLBACK_RANK_ACCURACY, DraftTree, read_rank_accuracy
 from .eval_heads import RESULTS_NAME
-from .heads import CONFIG_NAME
+from .heads import CONFIG_NAME, read_heads_config
 from .generate import (
     DEFAULT_DRAFT_VOCAB,
     SpeculativeStats,
     check_temperature,
+    drafting_support,
     encode_prompt,
     load_heads_for,
     load_model_for_generation,
     prepacked_linears,
     speculative_generate,
-    tree_drafting_supported,
     write_tree_stats,
 )
 from .lookup import DEFAULT_LOOKUP_TOKENS
@@ -143,11 +143,11 @@ def choose_tree(tree_size: int | None, tree_stats: str | None, heads_source, num
         raise ValueError(
             "--tree-size works with greedy decoding only (--temperature 0); with sampling, use --tree-size 0."
         )
-    if tree_size == 0:
-        return None
     depth = num_heads if num_draft is None else num_draft
     if not 0 <= depth <= num_heads:
         raise ValueError(f"--num-draft must be between 0 and the number of heads ({num_heads}), got {depth}.")
+    if tree_size == 0 or depth == 0:  # no head drafts, so there is no tree (prompt lookup still drafts)
+        return None
     heads_path = Path(heads_source)
     default_stats = (heads_path if heads_path.is_dir() else heads_path.parent) / "eval" / RESULTS_NAME  # eval-heads' --out
     if tree_stats is not None:
@@ -199,9 +199,9 @@ def run_generate_command(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"No heads/ folder inside {args.model_name_or_path}; pass the heads with --heads DIR.")
         heads_source = folder / "heads"
     heads = load_heads_for(model, heads_source)
+    if drafting_support(model) == "chain":
+        args.tree_size, args.lookup_tokens = _chain_for_sliding_window(model, tree_requested)
     tree = choose_tree(args.tree_size, args.tree_stats, heads_source, len(heads), args.num_draft, args.temperature)
-    if (tree is not None or args.lookup_tokens) and not tree_drafting_supported(model):
-        tree, args.lookup_tokens = _chain_for_sliding_window(model, tree_requested)
     _warn_about_slow_sizes(args.tree_size, tree, args.lookup_tokens, args.draft_vocab, args.num_draft)
 
     output_file = open(args.output, "w", encoding="utf-8") if args.output else None
@@ -235,13 +235,13 @@ def _check_num_draft(num_draft: int | None, heads_folder: Path | None) -> None:
     config_path = heads_folder / CONFIG_NAME if heads_folder is not None else None
     if config_path is None or not config_path.is_file():
         return  # speculative_generate checks it against the loaded heads
-    num_heads = json.loads(config_path.read_text(encoding="utf-8")).get("num_heads")
-    if isinstance(num_heads, int) and num_draft > num_heads:
+    num_heads = read_heads_config(config_path).num_heads
+    if num_draft > num_heads:
         raise ValueError(f"--num-draft {num_draft} is more than the {num_heads} heads in {heads_folder}; use at most {num_heads}.")
 
 
-def _chain_for_sliding_window(model, tree_requested: bool) -> tuple[None, int]:
-    """Return chain drafting without prompt lookup (tree None, 0 lookup tokens) for a model with sliding-window layers.
+def _chain_for_sliding_window(model, tree_requested: bool) -> tuple[int, int]:
+    """Return the tree size and lookup tokens (0 and 0) of chain drafting for a model with sliding-window layers.
 
     Raise ValueError instead when the command line asked for a tree or for prompt lookup.
     """
@@ -249,10 +249,10 @@ def _chain_for_sliding_window(model, tree_requested: bool) -> tuple[None, int]:
     if tree_requested:
         raise ValueError(
             f"{name} has sliding-window attention layers; --tree-size and --lookup-tokens need full attention in "
-            "every layer. Use --tree-size 0 --lookup-tokens 0 (chain drafting)."
+            "every layer. Drop them or pass --tree-size 0 --lookup-tokens 0 (chain drafting)."
         )
-    logger.info("%s has sliding-window attention layers: drafting a chain of head tokens without prompt lookup.", name)
-    return None, 0
+    logger.info("%s has sliding-window attention layers: draft trees and prompt lookup are off.", name)
+    return 0, 0
 
 
 LARGE_TREE = 64

@@ -257,6 +257,17 @@ def infer_config_from_state(state: dict[str, torch.Tensor]) -> HeadsConfig:
     )
 
 
+def read_heads_config(path: str | Path) -> HeadsConfig:
+    """Read a heads folder's config.json; raise ValueError naming the file when it is not a JSON object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: invalid JSON ({error}). Restore the config.json that `caft train-heads` wrote.") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}.")
+    return HeadsConfig.from_dict(data)
+
+
 def read_heads_file(source: str | Path) -> tuple[HeadsConfig | None, dict[str, torch.Tensor], str]:
     """Read heads weights from a folder, a `.pth`/`.safetensors` file or a hub repo id.
 
@@ -269,7 +280,7 @@ def read_heads_file(source: str | Path) -> tuple[HeadsConfig | None, dict[str, t
     if path.is_dir():
         config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
         if weights_path.is_file():
-            config = HeadsConfig.from_dict(json.loads(config_path.read_text())) if config_path.is_file() else None
+            config = read_heads_config(config_path) if config_path.is_file() else None
             return config, load_file(str(weights_path)), str(path)
         if (path / "heads.pth").is_file():
             return None, torch.load(path / "heads.pth", map_location="cpu", weights_only=True), str(path / "heads.pth")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -185,3 +186,57 @@ def test_yaml_numbers_without_dot_are_converted(tmp_path):
     (tmp_path / "bad.yaml").write_text("learning_rate: fast\n")
     with pytest.raises(ValueError, match="learning_rate must be a number"):
         load_config(build_parser().parse_args(["train", "--config", str(tmp_path / "bad.yaml")]))
+
+
+# A command that opens a one-process gloo group, keeps a DDP wrapper in a reference cycle (as the
+# Trainer does) and ends as MODE says. It prints whether the wrapper was still alive when
+# `caft.cli` closed the group.
+EXIT_PATH_SCRIPT = """
+import argparse, sys, weakref
+import torch, torch.distributed as dist
+import caft.cli as cli
+from caft.checkpoint import TrainingInterrupted
+
+mode, store = sys.argv[1], sys.argv[2]
+wrapper = {}
+
+def handler(args):
+    dist.init_process_group("gloo", init_method="file://" + store, rank=0, world_size=1)
+    holder = {"wrapped": torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))}
+    holder["self"] = holder  # a reference cycle
+    wrapper["ref"] = weakref.ref(holder["wrapped"])
+    errors = {"signal": TrainingInterrupted(15, "checkpoint-1"), "keyboard": KeyboardInterrupt(),
+              "runtime": RuntimeError("boom"), "verbose-value": ValueError("bad input")}
+    if mode in errors:
+        raise errors[mode]
+    return 0
+
+def build_parser():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--verbose", action="store_true")
+    parser.add_subparsers(dest="command").add_parser("probe").set_defaults(handler=handler)
+    return parser
+
+destroy = dist.destroy_process_group
+def reporting_destroy(*args, **kwargs):
+    print("alive at close:", wrapper["ref"]() is not None, flush=True)
+    destroy(*args, **kwargs)
+dist.destroy_process_group = reporting_destroy
+cli.build_parser = build_parser
+sys.exit(cli.main(["--verbose", "probe"] if mode == "verbose-value" else ["probe"]))
+"""
+
+
+@pytest.mark.parametrize(
+    "mode, code",
+    [("return", 0), ("signal", 143), ("keyboard", -signal.SIGINT), ("runtime", 1), ("verbose-value", 1)],
+)
+def test_process_group_closes_after_wrapper_freed(tmp_path, mode, code):
+    """On every way out of a command, the DDP wrapper is freed before the process group is destroyed."""
+    completed = subprocess.run(
+        [sys.executable, "-c", EXIT_PATH_SCRIPT, mode, str(tmp_path / "store")],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+    assert completed.returncode == code, completed.stderr[-2000:]
+    assert "alive at close: False" in completed.stdout, completed.stdout + completed.stderr[-2000:]

@@ -240,6 +240,9 @@ def test_choose_tree(tmp_path):
     assert choose_tree(None, None, heads_dir, 4, None, 0.0) == DraftTree.from_rank_accuracy(FALLBACK_RANK_ACCURACY, DEFAULT_TREE_SIZE, 4)
     assert choose_tree(None, None, heads_dir, 4, None, 0.8) is None
     assert choose_tree(0, None, heads_dir, 4, None, 0.0) is None
+    assert choose_tree(8, None, heads_dir, 4, 0, 0.0) is None  # --num-draft 0: no head drafts, no tree
+    with pytest.raises(ValueError, match="--num-draft must be between 0 and the number of heads"):
+        choose_tree(0, None, heads_dir, 4, 5, 0.0)
     with pytest.raises(ValueError, match="greedy decoding only"):
         choose_tree(8, None, heads_dir, 4, None, 0.8)
     with pytest.raises(ValueError, match="--tree-size must be >= 0"):

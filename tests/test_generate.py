@@ -30,7 +30,7 @@ from caft.generate import (
     record_past_after_prefill,
     speculative_generate,
     SpeculativeStats,
-    tree_drafting_supported,
+    drafting_support,
 )
 from caft.grouped_attention import NAME as GROUPED_ATTENTION
 from caft.grouped_attention import grouped_attention_in_kernel
@@ -297,9 +297,26 @@ def test_sliding_window_greedy_equals_generate(kind, head_cache):
 
     result = speculative_generate(model, heads, prompt, max_new_tokens=40, eos_token_id=[], head_cache=head_cache)
 
-    assert not tree_drafting_supported(model)
+    assert drafting_support(model) == "chain"
     assert result.tokens == expected
     assert 0 < result.stats.accepted[0] < result.stats.reached[0]
+
+
+def test_linear_attention_layers_rejected():
+    """A hybrid model whose linear-attention cache cannot be cropped gets a clear error, not a crash mid-generation."""
+    import transformers
+
+    config = transformers.Qwen3NextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_experts=0, layer_types=["linear_attention", "full_attention"],
+        bos_token_id=None, eos_token_id=None, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    heads = random_heads(model)
+
+    with pytest.raises(ValueError, match="LinearAttentionLayer"):
+        speculative_generate(model, heads, [1, 2, 3], max_new_tokens=4, tree=None)
 
 
 def test_sliding_window_rejects_tree():
@@ -700,14 +717,18 @@ def test_cli_warns_slow_sizes(tiny_model_folder, tmp_path, caplog, extra, warned
         (["--prompt", "hi", "--heads", "{tmp}/no-heads"], "no such folder or file"),
         (["--prompt", "hi", "--num-draft", "-1"], "--num-draft must be >= 0 (0 decodes one token per forward), got -1"),
         (["--prompt", "hi", "--heads", "{tmp}/heads", "--num-draft", "3"], "--num-draft 3 is more than the 2 heads"),
+        (["--prompt", "hi", "--heads", "{tmp}/broken-heads", "--num-draft", "1"], "broken-heads/config.json: invalid JSON"),
     ],
     ids=["negative-max-new-tokens", "zero-max-new-tokens", "output-is-folder", "missing-stats-folder",
-         "negative-tree-size", "negative-temperature", "missing-heads", "negative-num-draft", "num-draft-above-heads"],
+         "negative-tree-size", "negative-temperature", "missing-heads", "negative-num-draft", "num-draft-above-heads",
+         "broken-heads-config"],
 )
 def test_cli_checks_options_before_loading(tmp_path, capsys, extra, message):
     """Option errors come before the model is loaded: with a model path that does not exist, they are what is reported."""
     (tmp_path / "heads").mkdir()
     (tmp_path / "heads" / "config.json").write_text(json.dumps({"num_heads": 2}))
+    (tmp_path / "broken-heads").mkdir()
+    (tmp_path / "broken-heads" / "config.json").write_text("{num_heads: 2}")
     arguments = [value.replace("{tmp}", str(tmp_path)) for value in extra]
 
     code = cli_main(["generate", "-model", str(tmp_path / "no-model"), *arguments])
@@ -735,7 +756,9 @@ def test_cli_sliding_window_drafts_chain(sliding_window_folder, smol_tokenizer, 
         code = cli_main(["generate", "-model", str(folder), "--prompt", "Hello there", "--max-new-tokens", "12"])
 
     assert code == 0
-    assert any("drafting a chain of head tokens" in record.getMessage() for record in caplog.records)
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("draft trees and prompt lookup are off" in message for message in messages)
+    assert not any(message.startswith("Draft tree from") for message in messages)  # no tree built, then dropped
     prompt = torch.tensor([encode_prompt(smol_tokenizer, "Hello there")])
     expected = greedy_reference(model, prompt, 12, eos_token_id=smol_tokenizer.eos_token_id)
     assert capsys.readouterr().out.strip() == smol_tokenizer.decode(expected, skip_special_tokens=True).strip()
@@ -748,7 +771,7 @@ def test_cli_sliding_window_rejects_tree(sliding_window_folder, capsys, extra):
     code = cli_main(["generate", "-model", str(folder), "--prompt", "Hello", "--max-new-tokens", "4", *extra])
 
     assert code == 2
-    assert "Use --tree-size 0 --lookup-tokens 0" in capsys.readouterr().err
+    assert "pass --tree-size 0 --lookup-tokens 0" in capsys.readouterr().err
 
 
 def test_cli_needs_heads(tmp_path, tiny_model_folder, capsys):
