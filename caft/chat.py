@@ -135,8 +135,8 @@ def build_dataset(
     if problems:
         logger.warning("Skipped %d of %d rows of %s: %s", sum(problems.values()), stats.rows_read, name, problems)
     if not examples:
-        hint = f" Raise max_length above {max_length}." if truncated_reason in stats.skipped else ""
-        raise DataError(f"{name}: no training rows left ({stats.summary()}).{hint}")
+        hint = f" Raise the maximum length (-maxlen) above {max_length}." if truncated_reason in stats.skipped else ""
+        raise DataError(f"{name}: no usable rows left ({stats.summary()}).{hint}")
     if size is not None and len(examples) < size:
         logger.warning("%s: size=%d requested but only %d rows are usable", name, size, len(examples))
     return examples, stats

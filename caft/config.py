@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,7 +156,11 @@ class TrainConfig:
 
     # Outputs, logging, checkpoints
     output_dir: str | None = option(None, "--output-dir", help="Run folder (default: runs/<model>-<mode>-<time>); an existing non-empty folder is an error unless resuming.")
-    overwrite_output_dir: bool = option(False, "--overwrite-output-dir", help="Allow writing into an existing non-empty output folder.")
+    overwrite_output_dir: bool = option(
+        False, "--overwrite-output-dir",
+        help="Start over in an existing non-empty output folder: the earlier run's checkpoints and loss log are deleted, "
+        "its other outputs are replaced as the new run writes them.",
+    )
     continue_from_checkpoint: bool = option(
         False, "--continue-from-checkpoint", "-cont-ckpt", help="Resume from the newest valid checkpoint in --output-dir."
     )
@@ -183,6 +188,10 @@ class TrainConfig:
                     f"--caft-scheduler {self.caft_scheduler!r} is not valid: use constant, linear, sine, rsine or sine_<r>."
                 )
             parse_sine_ratio(self.caft_scheduler)
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if str(item.type).startswith("float") and value is not None and not math.isfinite(value):
+                raise ValueError(f"{item.metadata['flags'][0]} must be a finite number, got {value}.")
         checks = [
             (self.model_max_length >= 2, "--model-max-length must be at least 2"),
             (self.per_device_batch_size >= 1, "--per-device-batch-size must be at least 1"),
@@ -193,6 +202,23 @@ class TrainConfig:
             (self.learning_rate > 0, "--learning-rate must be positive"),
             (self.epochs > 0 or self.max_steps > 0, "--epochs must be positive (or set --max-steps)"),
             (self.lora_r >= 1, "--lora-r must be at least 1"),
+            (self.lora_alpha > 0, "--lora-alpha must be positive (0 scales the adapter to nothing)"),
+            (0 <= self.lora_dropout < 1, "--lora-dropout must be at least 0 and below 1"),
+            (self.heads_r_multiplier >= 1, "--heads-r-multiplier must be at least 1"),
+            (self.heads_pretrain_learning_rate > 0, "--heads-pretrain-learning-rate must be positive"),
+            (self.caft_heads_coefficient >= 0, "--caft-heads-coefficient must be at least 0 (0 turns the heads' loss off)"),
+            (self.caft_decay_coefficient >= 0, "--caft-decay-coefficient must be at least 0"),
+            (self.weight_decay >= 0, "--weight-decay must be at least 0"),
+            (self.warmup_steps >= 0, "--warmup-steps must be at least 0"),
+            (self.max_steps == -1 or self.max_steps >= 1, "--max-steps must be at least 1, or -1 to run all epochs"),
+            (self.logging_steps >= 1, "--logging-steps must be at least 1"),
+            (self.eval_steps is None or self.eval_steps >= 1, "--eval-steps must be at least 1 (leave it out to evaluate each epoch)"),
+            (self.save_steps is None or self.save_steps >= 1, "--save-steps must be at least 1 (leave it out to save each epoch)"),
+            (self.save_total_limit is None or self.save_total_limit >= 1, "--save-total-limit must be at least 1"),
+            (
+                self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+                "--early-stopping-patience must be at least 1",
+            ),
             (self.loss_chunk_size >= 1, "--loss-chunk-size must be at least 1"),
             (not (self.load_in_8bit and self.load_in_4bit), "choose one of --load-in-8bit and --load-in-4bit"),
             (self.size is None or self.size >= 1, "--size must be at least 1"),
@@ -260,7 +286,13 @@ def _parse_type(type_name):
 def _coerce(value, type_name, where: str):
     """Convert a YAML value to its field's type; YAML reads 1e-4 (no dot) as a string, for example."""
     text = str(type_name)
-    if value is None or text.startswith("list") or isinstance(value, bool):
+    if text.startswith("list"):
+        if isinstance(value, str):
+            return [value]  # `lora_target_modules: q_proj` means one module, not its letters
+        if not isinstance(value, list):
+            raise ValueError(f"{where} must be a list, got {value!r}.")
+        return value
+    if value is None or isinstance(value, bool):
         return value
     try:
         if text.startswith("int"):
@@ -283,15 +315,22 @@ def load_config(args: argparse.Namespace, config_class=TrainConfig):
         path = Path(config_file)
         if not path.is_file():
             raise FileNotFoundError(f"Config file {path} not found.")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"Config file {path} is not valid YAML: {error}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"Config file {path} must contain a mapping of setting names to values.")
         unknown = sorted(set(loaded) - known)
         if unknown:
             raise ValueError(f"Config file {path} has unknown settings {unknown}; see `caft train --help` for the names.")
-        types = {item.name: item.type for item in dataclasses.fields(config_class)}
+        items = {item.name: item for item in dataclasses.fields(config_class)}
         for name, value in loaded.items():
-            values[name] = _coerce(value, types[name], f"{path}: {name}")
+            value = _coerce(value, items[name].type, f"{path}: {name}")
+            choices = items[name].metadata.get("choices")
+            if choices and value not in choices:
+                raise ValueError(f"{path}: {name} must be one of {', '.join(map(str, choices))}, got {value!r}.")
+            values[name] = value
     for name in known:
         if hasattr(args, name):
             values[name] = getattr(args, name)

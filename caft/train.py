@@ -18,7 +18,7 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 
@@ -69,8 +69,29 @@ def resolve_output_dir(config: TrainConfig) -> Path:
             f"Output folder {path} exists and is not empty. Pass another --output-dir, --continue-from-checkpoint "
             "to resume it, or --overwrite-output-dir to write into it."
         )
+    if is_main and config.overwrite_output_dir and not config.continue_from_checkpoint and path.is_dir():
+        _remove_earlier_run(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+EARLIER_RUN_FILES = ("loss_log.csv", "caft_stage.json", "config-before-resume.yaml", "heads_pretraining")
+"""Outputs of an earlier run that a new run would mix with its own (besides checkpoint-* folders)."""
+
+
+def _remove_earlier_run(path: Path) -> None:
+    """Delete the checkpoints, loss log and stage records that an earlier run left in `path` (--overwrite-output-dir)."""
+    import shutil
+
+    removed = sorted(item for item in path.glob("checkpoint-*") if item.is_dir())
+    removed += [path / name for name in EARLIER_RUN_FILES if (path / name).exists()]
+    for item in removed:
+        if item.is_dir():
+            shutil.rmtree(item)
+        else:
+            item.unlink()
+    if removed:
+        logger.warning("--overwrite-output-dir: deleted %s of the earlier run in %s.", ", ".join(item.name for item in removed), path)
 
 
 def peak_memory_mb() -> float:
@@ -83,6 +104,31 @@ def peak_memory_mb() -> float:
 
 
 # Heads ------------------------------------------------------------------------------------------
+
+
+HEADS_FLAGS = {
+    "caft_num_heads": ("num_heads", "--caft-num-heads"),
+    "caft_num_layers": ("num_layers", "--caft-num-layers"),
+    "head_arch": ("arch", "--head-arch"),
+    "head_wiring": ("wiring", "--head-wiring"),
+    "separate_unembed": ("separate_unembed", "--separate-unembed"),
+}
+"""TrainConfig fields that a saved heads folder decides, with the HeadsConfig field and the flag of each."""
+
+
+def _take_saved_heads_settings(config: TrainConfig, heads_config: HeadsConfig, source: str) -> None:
+    """Set the config's head settings to those of the loaded heads, so config.yaml records what was trained.
+
+    A value that differs from both the heads' and the flag's default was most likely typed by the
+    user, and gets a warning, since the heads folder decides.
+    """
+    defaults = {item.name: item.default for item in fields(TrainConfig)}
+    for field_name, (heads_name, flag) in HEADS_FLAGS.items():
+        used = getattr(heads_config, heads_name)
+        flag_value = getattr(config, field_name)
+        if flag_value != used and flag_value != defaults[field_name]:
+            logger.warning("%s %s is ignored: the heads in %s have %s %s.", flag, flag_value, source, heads_name, used)
+        setattr(config, field_name, used)
 
 
 def setup_heads(model: nn.Module, config: TrainConfig, published_default: bool = False) -> None:
@@ -121,6 +167,7 @@ def setup_heads(model: nn.Module, config: TrainConfig, published_default: bool =
         if saved_config is not None:
             for name in ("num_heads", "num_layers", "arch", "wiring", "separate_unembed"):
                 setattr(heads_config, name, getattr(saved_config, name))
+            _take_saved_heads_settings(config, heads_config, source)
             logger.info("Using the heads in %s (%s)", source, heads_config)
         elif is_published_heads(heads_source):
             # The published heads.pth has no config; those heads were trained with the original wiring.
@@ -384,7 +431,7 @@ def pretrain_heads(
         has_eval=False,
     )
     trainer = make_trainer(model, tokenizer, args, train_rows, [], collator)
-    checkpoint = _newest_checkpoint(Path(args.output_dir)) if resume else None
+    checkpoint = find_resume_checkpoint(Path(args.output_dir)) if resume else None
     result = trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.args.should_save:
         save_heads(model.caft_heads, output_dir / "heads_pretrained")
@@ -404,9 +451,7 @@ def run_train(config: TrainConfig) -> TrainResult:
     start = time.time()
     output_dir = resolve_output_dir(config)
     is_main = int(os.environ.get("RANK", "0")) == 0
-    if is_main:
-        save_config(config, output_dir / "config.yaml")
-        logger.info("Configuration:\n%s", (output_dir / "config.yaml").read_text())
+    previous = read_previous_config(config, output_dir)
     set_seed(config.seed)
 
     tokenizer = load_tokenizer(config.model_name_or_path)
@@ -419,6 +464,7 @@ def run_train(config: TrainConfig) -> TrainResult:
     if config.packing:
         check_packing_attention(model, config)
     setup_heads(model, config, published_default=True)
+    write_run_config(config, output_dir, previous, is_main)
     if tokenizer.chat_template and is_main:
         (output_dir / "chat_template.jinja").write_text(tokenizer.chat_template)
 
@@ -449,7 +495,7 @@ def run_train(config: TrainConfig) -> TrainResult:
         result.metrics_before = trainer.evaluate(metric_key_prefix="eval")
         logger.info("Held-out before fine-tuning: %s", format_head_metrics(result.metrics_before))
 
-    resume = _newest_checkpoint(output_dir) if config.continue_from_checkpoint else None
+    resume = find_resume_checkpoint(output_dir) if config.continue_from_checkpoint else None
     train_output = trainer.train(resume_from_checkpoint=resume)
     result.train_metrics["finetuning"] = train_output.metrics
     if eval_rows:
@@ -503,7 +549,67 @@ def _final_eval_metrics(trainer) -> dict | None:
     return None
 
 
-def _newest_checkpoint(output_dir: Path) -> str | None:
+CONFIG_NAME = "config.yaml"
+RESUME_FIXED_SETTINGS = (
+    "model_name_or_path", "mode", "finetune_method", "finetune_heads", "freeze_unembedding", "heads_pretraining",
+    "caft_num_heads", "caft_num_layers", "head_arch", "head_wiring", "separate_unembed", "lora_r", "lora_alpha",
+    "lora_target_modules", "heads_r_multiplier",
+)
+"""Settings that shape the trained parameters, so a run resumes only with the values it was started with."""
+RESUME_FREE_SETTINGS = ("continue_from_checkpoint", "overwrite_output_dir", "output_dir")
+
+
+def read_previous_config(config: TrainConfig, output_dir: Path) -> dict | None:
+    """Return the settings of the interrupted run (its config.yaml) when resuming, else None.
+
+    Every process reads it at the start, long before the main process writes the new one after
+    loading the model, so all of them compare against the same settings.
+    """
+    path = output_dir / CONFIG_NAME
+    if not config.continue_from_checkpoint or not path.is_file():
+        return None
+    import yaml
+
+    try:
+        previous = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML ({error}); restore it or start a new --output-dir.") from error
+    return previous if isinstance(previous, dict) else None
+
+
+def write_run_config(config: TrainConfig, output_dir: Path, previous: dict | None, is_main: bool) -> None:
+    """Check a resumed run's settings against the interrupted run's, then write config.yaml (main process only).
+
+    Settings that shape the parameters must match, or ValueError. Other changes (steps, learning
+    rate, data) get a warning, and the interrupted run's file is kept as config-before-resume.yaml.
+    """
+    current = config.to_dict()
+    changed = {
+        name: (previous[name], value) for name, value in current.items()
+        if previous is not None and name in previous and previous[name] != value and name not in RESUME_FREE_SETTINGS
+    }
+    fixed = {name: values for name, values in changed.items() if name in RESUME_FIXED_SETTINGS}
+    if fixed:
+        listed = ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in fixed.items())
+        raise ValueError(
+            f"The run in {output_dir} was started with other settings ({listed}). Resume it with the settings in "
+            f"{output_dir / CONFIG_NAME}, or start a new --output-dir."
+        )
+    if changed:
+        listed = ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changed.items())
+        logger.warning(
+            "Resuming %s with changed settings: %s. The learning-rate schedule and s(t) follow the new values from the "
+            "checkpoint on. The earlier settings are kept in config-before-resume.yaml.", output_dir, listed,
+        )
+    if not is_main:
+        return
+    if changed:
+        (output_dir / CONFIG_NAME).replace(output_dir / "config-before-resume.yaml")
+    save_config(config, output_dir / CONFIG_NAME)
+    logger.info("Configuration:\n%s", (output_dir / CONFIG_NAME).read_text())
+
+
+def find_resume_checkpoint(output_dir: Path) -> str | None:
     """Return the newest complete checkpoint in `output_dir`, skipping unfinished or foreign ones with a warning."""
     last = newest_checkpoint(output_dir)
     if last is None:

@@ -15,19 +15,22 @@ import time
 
 from transformers import TrainerCallback
 
-from .config import TrainConfig, save_config
+from .config import TrainConfig
 from .heads import save_heads
 from .train import (
     TrainResult,
     checkpointing_arguments,
+    find_resume_checkpoint,
     format_head_metrics,
     load_data,
     make_trainer,
     peak_memory_mb,
+    read_previous_config,
     resolve_output_dir,
     set_trainable,
     setup_heads,
     training_arguments,
+    write_run_config,
 )
 
 logger = logging.getLogger(__name__)
@@ -88,8 +91,7 @@ def run_train_heads(config: TrainConfig) -> TrainResult:
     start = time.time()
     config.mode = "caft"
     output_dir = resolve_output_dir(config)
-    if int(os.environ.get("RANK", "0")) == 0:  # one writer, so the other ranks never see a half-written folder
-        save_config(config, output_dir / "config.yaml")
+    previous = read_previous_config(config, output_dir)
     set_seed(config.seed)
     tokenizer = load_tokenizer(config.model_name_or_path)
     train_rows, eval_rows, train_stats, eval_stats = load_data(config, tokenizer)
@@ -101,6 +103,8 @@ def run_train_heads(config: TrainConfig) -> TrainResult:
         check_packing_attention(model, config, heads_only=True)
     config.heads_pretraining = True  # silences the "untrained heads" warning: training them is this command's job
     setup_heads(model, config)
+    # One writer, so the other processes never see a half-written folder.
+    write_run_config(config, output_dir, previous, is_main=int(os.environ.get("RANK", "0")) == 0)
     model.caft_state.mode = "heads_only"
     trainable = set_trainable(model, lambda name: name.startswith("caft_heads."))
     logger.info("Heads training: %d trainable parameters", trainable)
@@ -118,11 +122,7 @@ def run_train_heads(config: TrainConfig) -> TrainResult:
     if eval_rows and config.eval_before_training and not config.continue_from_checkpoint:
         result.metrics_before = trainer.evaluate()
         logger.info("Held-out before heads training: %s", format_head_metrics(result.metrics_before))
-    resume = None
-    if config.continue_from_checkpoint:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        resume = get_last_checkpoint(str(output_dir))
+    resume = find_resume_checkpoint(output_dir) if config.continue_from_checkpoint else None
     output = trainer.train(resume_from_checkpoint=resume)
     result.train_metrics = output.metrics
     if eval_rows:

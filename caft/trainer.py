@@ -92,6 +92,22 @@ class CAFTSaveLogging(TrainerCallback):
         self.filename = filename
         self.columns: list[str] | None = None
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Drop the rows after the step training starts from: those of an interrupted run after its checkpoint."""
+        path = Path(args.output_dir) / self.filename
+        if not state.is_world_process_zero or not path.is_file() or path.stat().st_size == 0:
+            return
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            columns, rows = reader.fieldnames, list(reader)
+        up_to_start = [row for row in rows if float(row["step"]) <= state.global_step]
+        if len(up_to_start) < len(rows):
+            logger.info(
+                "%s: dropped %d rows logged after step %d, where training resumes.",
+                path, len(rows) - len(up_to_start), state.global_step,
+            )
+            _write_rows(path, columns, up_to_start)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
@@ -126,6 +142,11 @@ def _rewrite_with_columns(path: Path, columns: list[str]) -> None:
     if path.is_file() and path.stat().st_size > 0:
         with open(path, newline="") as handle:
             rows = list(csv.DictReader(handle))
+    _write_rows(path, columns, rows)
+
+
+def _write_rows(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """Replace the CSV at `path` with `rows` under the header `columns`, through a temporary file."""
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
@@ -284,7 +305,7 @@ class CAFTTrainer(_BaseTrainer):
                 self.state.best_model_checkpoint = str(final)
                 self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
             state = checkpoint_state(self.caft_model.caft_state, step, self._stage, self.num_heads)
-            state["finetune_method"] = "lora" if _is_peft(self.model) else "full"
+            state["finetune_method"] = "lora" if _is_peft(self.model) else "sft"
             write_json_atomic(staged / CHECKPOINT_STATE_NAME, state)
         self.accelerator.wait_for_everyone()
 
@@ -324,7 +345,9 @@ class CAFTTrainer(_BaseTrainer):
                 f"Checkpoint {checkpoint} has no readable {CHECKPOINT_STATE_NAME}: it is incomplete or was not written "
                 "by caft. Delete it to resume from an earlier checkpoint."
             )
-        method = "lora" if _is_peft(self.model) else "full"
+        if saved.get("finetune_method") == "full":  # the name earlier caft versions wrote for sft
+            saved["finetune_method"] = "sft"
+        method = "lora" if _is_peft(self.model) else "sft"
         expected = {"stage": self._stage, "num_heads": self.num_heads, "finetune_method": method}
         for key, value in expected.items():
             if saved.get(key, value) != value:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -77,6 +78,52 @@ def test_invalid_values_are_rejected():
         TrainConfig(caft_scheduler="sine_2")
     with pytest.raises(ValueError, match="--freeze-unembedding applies to -ftm sft"):
         TrainConfig(freeze_unembedding=True, finetune_method="lora")
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"learning_rate": float("inf")}, "--learning-rate must be a finite number, got inf"),
+        ({"caft_heads_coefficient": float("nan")}, "--caft-heads-coefficient must be a finite number, got nan"),
+        ({"epochs": float("inf"), "max_steps": -1}, "--epochs must be a finite number"),
+        ({"caft_heads_coefficient": -1.0}, "--caft-heads-coefficient must be at least 0"),
+        ({"caft_decay_coefficient": -0.5}, "--caft-decay-coefficient must be at least 0"),
+        ({"weight_decay": -0.1}, "--weight-decay must be at least 0"),
+        ({"lora_alpha": 0}, "--lora-alpha must be positive"),
+        ({"lora_dropout": -0.5}, "--lora-dropout must be at least 0 and below 1"),
+        ({"max_steps": 0}, "--max-steps must be at least 1, or -1"),
+        ({"save_steps": 0}, "--save-steps must be at least 1"),
+        ({"eval_steps": 0}, "--eval-steps must be at least 1"),
+        ({"save_total_limit": 0}, "--save-total-limit must be at least 1"),
+    ],
+)
+def test_values_that_train_nothing_are_rejected(values, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig(**values)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("finetune_method: qlora\n", "finetune_method must be one of lora, sft, got 'qlora'"),
+        ("mode: baseline\n", "mode must be one of caft, default, got 'baseline'"),
+        ("learning_rate: [1\n", "is not valid YAML"),
+        ("lora_target_modules: 7\n", "lora_target_modules must be a list"),
+    ],
+    ids=["method", "mode", "syntax", "list"],
+)
+def test_yaml_config_values_are_checked(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(message)) as raised:
+        load_config(build_parser().parse_args(["train", "--config", str(path)]))
+    assert str(path) in str(raised.value)
+
+
+def test_yaml_single_target_module_is_a_list(tmp_path):
+    (tmp_path / "run.yaml").write_text("lora_target_modules: q_proj\n")
+    config = load_config(build_parser().parse_args(["train", "--config", str(tmp_path / "run.yaml")]))
+    assert config.lora_target_modules == ["q_proj"]
 
 
 def tiny_run_args(model_dir, gsm8k_files, out, *extra):
@@ -240,3 +287,25 @@ def test_process_group_closes_after_wrapper_freed(tmp_path, mode, code):
 
     assert completed.returncode == code, completed.stderr[-2000:]
     assert "alive at close: False" in completed.stdout, completed.stdout + completed.stderr[-2000:]
+
+
+def test_heads_folder_settings_win_with_warning(tiny_model_dir, gsm8k_files, tmp_path, caplog):
+    """-hdir heads with 2 heads and -heads 3 on the command line: 2 heads train, config.yaml says 2, and a warning says why."""
+    from transformers import AutoModelForCausalLM
+
+    from caft.heads import HeadsConfig, build_heads, save_heads
+    from caft.train import run_train
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    save_heads(build_heads(base, HeadsConfig(num_heads=2)), tmp_path / "heads")
+    config = TrainConfig(
+        model_name_or_path=str(tiny_model_dir), train_set=str(gsm8k_files[0]), prompt_field="question",
+        response_field="answer", size=4, model_max_length=128, max_steps=1, caft_num_heads=3,
+        auxiliary_heads_dir=str(tmp_path / "heads"), output_dir=str(tmp_path / "run"), eval_before_training=False,
+    )
+    with caplog.at_level("WARNING", logger="caft.train"):
+        run_train(config)
+
+    assert any(record.getMessage().startswith("--caft-num-heads 3 is ignored") for record in caplog.records)
+    assert "caft_num_heads: 2" in (tmp_path / "run" / "config.yaml").read_text()
+    assert json.loads((tmp_path / "run" / "heads" / "config.json").read_text())["num_heads"] == 2

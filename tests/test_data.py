@@ -263,7 +263,7 @@ def test_build_dataset_counts_status_and_truncation(smol_tokenizer, write_jsonl,
 
 def test_build_dataset_nothing_left_raises(smol_tokenizer):
     rows = [{"prompt": "word " * 200, "completion": "ok"}]
-    with pytest.raises(DataError, match="no training rows left.*Raise max_length above 32"):
+    with pytest.raises(DataError, match=r"no usable rows left.*Raise the maximum length \(-maxlen\) above 32"):
         build_dataset(rows, smol_tokenizer, 32)
 
 

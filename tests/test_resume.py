@@ -197,8 +197,50 @@ def test_resume_rejects_other_finetune_method(tmp_path, monkeypatch, tiny_model_
         add_callback(patch, SignalAtStep(1, run_dir))
         with pytest.raises(TrainingInterrupted):
             run_train(make_config(tiny_model_dir, gsm8k_files[0], run_dir))
-    with pytest.raises(ValueError, match="finetune_method='lora'"):
+    config_before = (run_dir / "config.yaml").read_text()
+
+    with pytest.raises(ValueError, match="finetune_method 'lora' -> 'sft'"):
         run_train(make_config(tiny_model_dir, gsm8k_files[0], run_dir, finetune_method="sft", continue_from_checkpoint=True))
+    assert (run_dir / "config.yaml").read_text() == config_before  # the refused resume leaves the record alone
+
+
+def test_resume_with_other_steps_warns_and_drops_later_rows(tmp_path, monkeypatch, tiny_model_dir, gsm8k_files, caplog):
+    """A crash after step 3 with checkpoint-2, resumed with another --max-steps: a warning, both settings
+    files, and a loss log without the interrupted run's step 3."""
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        add_callback(patch, CrashAtStep(4, run_dir))
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run_train(make_config(tiny_model_dir, gsm8k_files[0], run_dir, save_steps=2))
+    assert newest_checkpoint(run_dir) == str(run_dir / "checkpoint-2")
+    assert logged_train_steps(run_dir) == [1, 2, 3]
+
+    with caplog.at_level("WARNING", logger="caft.train"):
+        run_train(make_config(tiny_model_dir, gsm8k_files[0], run_dir, save_steps=2, max_steps=4, continue_from_checkpoint=True))
+
+    assert any("max_steps -1 -> 4" in record.getMessage() for record in caplog.records)
+    assert "max_steps: -1" in (run_dir / "config-before-resume.yaml").read_text()
+    assert "max_steps: 4" in (run_dir / "config.yaml").read_text()
+    assert logged_train_steps(run_dir) == [1, 2, 3, 4]
+
+
+def logged_train_steps(run_dir: Path) -> list[int]:
+    """Every training row's step in loss_log.csv, repeats included."""
+    with open(run_dir / "loss_log.csv", newline="") as handle:
+        return [int(row["step"]) for row in csv.DictReader(handle) if row["split"] == "train" and row.get("loss")]
+
+
+def test_overwrite_output_dir_starts_over(tmp_path, tiny_model_dir, gsm8k_files, caplog):
+    run_dir = tmp_path / "run"
+    run_train(make_config(tiny_model_dir, gsm8k_files[0], run_dir, max_steps=2, save_steps=1))
+    assert (run_dir / "checkpoint-2").is_dir()
+
+    with caplog.at_level("WARNING", logger="caft.train"):
+        run_train(make_config(tiny_model_dir, gsm8k_files[0], run_dir, max_steps=1, save_steps=1, overwrite_output_dir=True))
+
+    assert sorted(item.name for item in run_dir.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert logged_train_steps(run_dir) == [1]
+    assert any("deleted checkpoint-1, checkpoint-2, loss_log.csv" in record.getMessage() for record in caplog.records)
 
 
 def test_crash_while_saving_leaves_no_checkpoint(tmp_path, monkeypatch, reference_run, tiny_model_dir, gsm8k_files):
