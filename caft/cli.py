@@ -23,6 +23,7 @@ from .export import add_export_arguments
 logger = logging.getLogger("caft")
 
 EXIT_INPUT_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process stopped by Ctrl-C
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -144,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"caft {args.command}: error: {message}", file=sys.stderr)
         print("(run `caft --verbose COMMAND ...` for the traceback)", file=sys.stderr)
         return EXIT_INPUT_ERROR
+    except KeyboardInterrupt:
+        # Ctrl-C outside the training loop (while loading, for example): stop quietly, as a shell expects.
+        if args.verbose:
+            raise
+        print(f"caft {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         close_process_group()
 

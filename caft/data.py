@@ -18,10 +18,13 @@ the field and a fix.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
+
+logger = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
 EXTENSIONS = (".jsonl", ".json")
@@ -139,6 +142,7 @@ def load_located_conversations(
     stats = DataStats()
     located: list[tuple[str, list[dict]]] = []
     data_format = None
+    empty_replies = 0
     for location, row in rows:
         stats.rows_read += 1
         if not isinstance(row, dict):
@@ -156,11 +160,18 @@ def load_located_conversations(
                 continue
             messages[-1]["open_end"] = True
             stats.kept_truncated += 1
+        if any(message["role"] == "assistant" and not message["content"].strip() for message in messages):
+            empty_replies += 1
         located.append((location, messages))
 
     if stats.rows_read == 0:
         raise DataError(f"{_source_name(source)}: no rows found (the data is empty or has only blank lines). Add rows.")
     stats.rows_kept = len(located)
+    if empty_replies:
+        logger.warning(
+            "%s: %d rows have an empty assistant reply, which trains the model to end its turn at once. Remove them "
+            "if that is not intended.", _source_name(source), empty_replies,
+        )
     return located, stats
 
 
@@ -248,9 +259,13 @@ def _iter_json_array(path: Path) -> Iterator[tuple[str, object]]:
 
 def _detect_format(row: dict, location: str, prompt_field: str | None, system_field: str | None) -> str:
     """Return the format name of the first row, or raise a DataError listing the supported formats."""
-    if prompt_field is not None:
-        return _FIELD_MAPPING
     detected = _row_format(row)
+    if prompt_field is not None:
+        if prompt_field in row or detected is None:
+            return _FIELD_MAPPING
+        # A held-out file in a chat format next to a training file that needs the mapping.
+        logger.info("%s: rows in the %s format, so --prompt-field/--response-field do not apply to this file.", location, detected)
+        return detected
     if detected is None:
         examples = "\n".join(f"  {name}: {example}" for name, example in _EXAMPLES.items())
         raise DataError(

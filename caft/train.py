@@ -62,6 +62,8 @@ def resolve_output_dir(config: TrainConfig) -> Path:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         config.output_dir = str(Path("runs") / f"{model_name}-{config.mode}-{config.finetune_method}-{stamp}")
     path = Path(config.output_dir)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"--output-dir {path} is a file; pass a folder path (it is created if missing).")
     # Only the main process checks: the others could already see files it wrote a moment ago.
     is_main = int(os.environ.get("RANK", "0")) == 0
     if is_main and path.is_dir() and any(path.iterdir()) and not (config.continue_from_checkpoint or config.overwrite_output_dir):

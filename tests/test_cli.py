@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -193,6 +192,16 @@ def test_bad_data_exits_2_naming_file_and_line(tiny_model_dir, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_output_dir_that_is_a_file_is_rejected(tiny_model_dir, gsm8k_files, tmp_path):
+    target = tmp_path / "afile"
+    target.write_text("keep me")
+
+    result = run_caft(*tiny_run_args(tiny_model_dir, gsm8k_files, target))
+    assert result.returncode == 2
+    assert "is a file; pass a folder path" in result.stderr
+    assert target.read_text() == "keep me"
+
+
 def test_existing_output_dir_is_not_overwritten(tiny_model_dir, gsm8k_files, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -276,7 +285,7 @@ sys.exit(cli.main(["--verbose", "probe"] if mode == "verbose-value" else ["probe
 
 @pytest.mark.parametrize(
     "mode, code",
-    [("return", 0), ("signal", 143), ("keyboard", -signal.SIGINT), ("runtime", 1), ("verbose-value", 1)],
+    [("return", 0), ("signal", 143), ("keyboard", 130), ("runtime", 1), ("verbose-value", 1)],
 )
 def test_process_group_closes_after_wrapper_freed(tmp_path, mode, code):
     """On every way out of a command, the DDP wrapper is freed before the process group is destroyed."""

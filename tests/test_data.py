@@ -83,6 +83,25 @@ def test_field_mapping_overrides_detection(write_jsonl):
     assert conversations == [[{"role": "user", "content": "question"}, {"role": "assistant", "content": "answer"}]]
 
 
+def test_field_mapping_skips_chat_format_files(write_jsonl, caplog):
+    """The mapping flags of a question/answer training file do not break a held-out file in a chat format."""
+    rows = [{"messages": USER_ASSISTANT}]
+    with caplog.at_level("INFO", logger="caft.data"):
+        conversations, _ = read_conversations(write_jsonl(rows), prompt_field="question", response_field="answer")
+
+    assert conversations == [USER_ASSISTANT]
+    assert any("do not apply to this file" in record.getMessage() for record in caplog.records)
+
+
+def test_empty_replies_are_counted_in_a_warning(write_jsonl, caplog):
+    rows = [{"messages": USER_ASSISTANT}, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}]
+    with caplog.at_level("WARNING", logger="caft.data"):
+        conversations, stats = read_conversations(write_jsonl(rows))
+
+    assert stats.rows_kept == 2
+    assert any("1 rows have an empty assistant reply" in record.getMessage() for record in caplog.records)
+
+
 @pytest.mark.skipif(not GSM8K_TRAIN.is_file(), reason="GSM8K data not present")
 def test_field_mapping_gsm8k():
     first = json.loads(GSM8K_TRAIN.open(encoding="utf-8").readline())
