@@ -17,7 +17,7 @@ import os
 import sys
 import traceback
 
-from .config import TrainConfig, add_config_arguments, load_config
+from .config import add_config_arguments, load_config
 from .export import add_export_arguments
 
 logger = logging.getLogger("caft")

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .loss import IGNORE_INDEX, head_targets
+from .paths import check_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +192,8 @@ def _command_eval_heads(args: argparse.Namespace) -> int:
     for name in ("batch_size", "chunk_size", "num_heads", "model_max_length"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
+    out_dir = Path(args.out) if args.out else _default_out(args.heads)
+    check_output_folder(out_dir)
     tokenizer = load_tokenizer(args.model)
     rows, stats = build_dataset(args.data, tokenizer, args.model_max_length, size=args.size, seed=args.seed,
                                 prompt_field=args.prompt_field, response_field=args.response_field)
@@ -198,7 +201,6 @@ def _command_eval_heads(args: argparse.Namespace) -> int:
     model = load_heads(load_model(args.model, dtype=args.dtype), args.heads, args.num_heads)
     results = evaluate_heads(model, rows, make_collator(tokenizer), args.batch_size, args.chunk_size)
 
-    out_dir = Path(args.out) if args.out else _default_out(args.heads)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"model": args.model, "heads": args.heads or f"{args.num_heads} copies of the last decoder layer (untrained)",
               "data": args.data, "rows": len(rows), "data_stats": stats.__dict__, "max_length": args.model_max_length,

@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 
 from .data import DataError
+from .paths import check_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ REQUIRED_FIELDS = {
 # The standard MBPP split: task ids 11-510 are the test set (1-10 are few-shot prompts,
 # 511-600 validation, 601-974 training).
 MBPP_TEST_IDS = "11-510"
+# Written by caft.evaluate.write_results.
+RESULTS_NAME = "eval_results.json"
 
 
 def register(subparsers) -> None:
@@ -57,6 +60,10 @@ def register(subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=512, help="Generation limit per reply, in tokens (default: %(default)s).")
     parser.add_argument("--batch-size", type=int, default=8, help="Prompts per generation or loss batch (default: %(default)s).")
     parser.add_argument("--out", default=None, help="Output folder (default: RUN_OR_MODEL/eval/<task> for a folder, else eval/<name>-<task>).")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="Replace the eval_results.json and eval_samples.jsonl of an earlier run in --out.",
+    )
     parser.add_argument("--base-model", default=None, help="Base model of an adapter (default: the adapter's base_model_name_or_path).")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="Weight dtype (default: %(default)s).")
     parser.add_argument("--prompt-field", default=None, help="loss: JSON field of the prompt, for rows in no chat format.")
@@ -74,6 +81,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_task, format_table, load_for_eval, write_results
 
     _check_arguments(args)
+    out_dir = Path(args.out) if args.out else default_out_dir(args.model, args.task)
+    _check_out_dir(out_dir, args.overwrite)
     rows = load_task_rows(args)
     model, tokenizer = load_for_eval(args.model, base_model=args.base_model, dtype=args.dtype)
     metrics, records = evaluate_task(
@@ -99,7 +108,6 @@ def run_eval_command(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "greedy": True,
     }
-    out_dir = Path(args.out) if args.out else default_out_dir(args.model, args.task)
     results_path, samples_path = write_results(metrics, records, out_dir)
     print(format_table({key: value for key, value in metrics.items() if key != "settings"}))
     print(f"results: {results_path}\nsamples: {samples_path}")
@@ -121,6 +129,16 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise ValueError("Pass both --prompt-field and --response-field, or neither.")
     if args.prompt_field is not None and args.task != "loss":
         raise ValueError("--prompt-field and --response-field apply to --task loss only.")
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Raise before any work when the output folder is a file, or contains the results of an earlier run and `overwrite` is off."""
+    check_output_folder(out_dir)
+    results = out_dir / RESULTS_NAME
+    if results.exists() and not overwrite:
+        raise FileExistsError(
+            f"{results} already exists, from an earlier evaluation. Pass another --out, or --overwrite to replace it."
+        )
 
 
 def default_out_dir(model: str, task: str) -> Path:

@@ -268,34 +268,64 @@ def read_heads_config(path: str | Path) -> HeadsConfig:
     return HeadsConfig.from_dict(data)
 
 
+def load_safetensors_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a `.safetensors` file on the CPU, and raise ValueError naming it when it is truncated or corrupt."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except SafetensorError as error:
+        raise ValueError(
+            f"{path} is not a valid safetensors file (truncated or corrupt): {error}. Restore it or retrain."
+        ) from error
+
+
+def _load_pth_file(path: Path) -> dict[str, torch.Tensor]:
+    """Load a `heads.pth` with `torch.load(weights_only=True)`, and raise ValueError naming it when that fails."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise ValueError(
+            f"{path} is not a heads weights file ({type(error).__name__} while loading it with weights_only=True). "
+            "Pass the heads folder that `caft train-heads` wrote, or its model.safetensors or heads.pth."
+        ) from error
+
+
+def _is_local_heads_path(source: str) -> bool:
+    """Tell whether a heads path that does not exist was meant as a local path rather than a hub repo id."""
+    if source.startswith(("/", ".", "~")) or source.endswith("/"):
+        return True
+    return Path(source).parent != Path(".") and Path(source).parent.exists()
+
+
 def read_heads_file(source: str | Path) -> tuple[HeadsConfig | None, dict[str, torch.Tensor], str]:
     """Read heads weights from a folder, a `.pth`/`.safetensors` file or a hub repo id.
 
     Returns (config or None for a bare weights file, state dict, description of where it came from).
-    `.pth` files are loaded with `torch.load(weights_only=True)`.
+    `.pth` files are loaded with `torch.load(weights_only=True)`. A path that does not exist is a
+    hub repo id (`owner/name`) unless it starts with `/`, `.` or `~`, ends with `/`, or its parent
+    folder exists here.
     """
-    from safetensors.torch import load_file
-
-    path = Path(source)
+    path = Path(source).expanduser()
     if path.is_dir():
         config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
         if weights_path.is_file():
             config = read_heads_config(config_path) if config_path.is_file() else None
-            return config, load_file(str(weights_path)), str(path)
+            return config, load_safetensors_file(weights_path), str(path)
         if (path / "heads.pth").is_file():
-            return None, torch.load(path / "heads.pth", map_location="cpu", weights_only=True), str(path / "heads.pth")
+            return None, _load_pth_file(path / "heads.pth"), str(path / "heads.pth")
         raise FileNotFoundError(f"Heads folder {path} contains neither {WEIGHTS_NAME} nor heads.pth.")
     if path.is_file():
         if path.suffix == ".safetensors":
-            return None, load_file(str(path)), str(path)
-        try:
-            return None, torch.load(path, map_location="cpu", weights_only=True), str(path)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-            raise ValueError(
-                f"{path} is not a heads weights file ({type(error).__name__} while loading it with weights_only=True). "
-                "Pass the heads folder that `caft train-heads` wrote, or its model.safetensors or heads.pth."
-            ) from error
-    if str(source).count("/") == 1 and not str(source).startswith((".", "/")):
+            return None, load_safetensors_file(path), str(path)
+        return None, _load_pth_file(path), str(path)
+    if _is_local_heads_path(str(source)):
+        raise FileNotFoundError(
+            f"The heads path {source} does not exist. Check the path, or pass a heads folder, "
+            "a heads.pth or .safetensors file, or a hub repo id of the form owner/name."
+        )
+    if str(source).count("/") == 1:
         return read_heads_from_hub(str(source))
     raise FileNotFoundError(f"Auxiliary heads not found at {source}: pass a heads folder, a heads.pth file or a hub repo id.")
 
@@ -318,9 +348,7 @@ def read_heads_from_hub(repo_id: str) -> tuple[HeadsConfig | None, dict[str, tor
             "Without network access, pass a local heads folder or heads.pth with -hdir/--auxiliary-heads-dir."
         ) from error
     config = HeadsConfig.from_dict(json.loads(Path(config_file).read_text()))
-    from safetensors.torch import load_file
-
-    return config, load_file(weights_file), repo_id
+    return config, load_safetensors_file(weights_file), repo_id
 
 
 def load_heads_state(heads: AuxiliaryHeads, state: dict[str, torch.Tensor], source: str) -> None:

@@ -34,6 +34,74 @@ def load_environment() -> None:
         os.environ["WANDB_API_KEY"] = os.environ["WANDB_TOKEN"]
 
 
+# A local folder must contain one of these files before from_pretrained gets it. transformers
+# loads an adapter folder (adapter_config.json) on top of its base model, but AutoTokenizer does
+# not, so a tokenizer needs a model config or tokenizer files.
+MODEL_FOLDER_FILES = ("config.json", "adapter_config.json")
+TOKENIZER_FOLDER_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json")
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Tell whether `name` is meant as a local path rather than a hub id.
+
+    True when it starts with `/`, `.` or `~`, names an existing file or folder, or contains a
+    path separator and its parent folder exists (`org/model` is a hub id unless `org/` exists here).
+    """
+    if name.startswith(("/", ".", "~")):
+        return True
+    path = Path(name)
+    if path.exists():
+        return True
+    return os.sep in name and path.parent.exists()
+
+
+def check_model_path(name: str, folder_files: tuple[str, ...] = MODEL_FOLDER_FILES) -> None:
+    """Raise FileNotFoundError or ValueError, naming `name`, when it is a local path but not a model.
+
+    A model is a folder containing one of `folder_files` or a `.gguf` file. Hub ids pass unchecked,
+    and from_pretrained reports their errors. Without this check, transformers treats a mistyped
+    path as a hub id ("Repo id must be in the form ...") or fails later with an unrelated message.
+    """
+    if not looks_like_local_path(name):
+        return
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {name} not found. Check the path.")
+        return
+    if not path.exists():
+        raise FileNotFoundError(
+            f"The model path {name} does not exist. Check the path, or pass a hub id or 'smollm2' for the embedded model."
+        )
+    if not path.is_dir():
+        raise ValueError(
+            f"{name} is a file, not a model folder. Pass a model folder (config.json and weights), "
+            "a .gguf file, a caft run folder or a hub id."
+        )
+    if not any((path / file_name).is_file() for file_name in folder_files):
+        raise FileNotFoundError(
+            f"{name} has no config.json. Pass a model folder (config.json and weights), a caft run folder or a hub id."
+        )
+
+
+def _local_location(name_or_path, folder_files: tuple[str, ...]) -> str:
+    """Map an alias to its folder, check a local path, and expand a leading `~`."""
+    name = resolve_model_name(str(name_or_path))
+    check_model_path(name, folder_files)
+    return os.path.expanduser(name) if name.startswith("~") else name
+
+
+def invalid_weights_error(location: str | Path, error: Exception) -> ValueError:
+    """Build the error for a model whose safetensors weights are truncated or corrupt, naming the file when it is the only one."""
+    folder = Path(location)
+    weights = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    where = str(weights[0]) if len(weights) == 1 else f"A .safetensors file of the model {location}"
+    return ValueError(
+        f"{where} is not a valid safetensors file (truncated or corrupt): {error}. "
+        "Restore it, or download or export the model again."
+    )
+
+
 def _split_gguf(name: str) -> tuple[str, dict]:
     path = Path(name)
     if path.suffix == ".gguf":
@@ -47,7 +115,7 @@ def load_tokenizer(name_or_path: str):
     """Load a tokenizer and make sure it has a pad token (the end-of-sequence token when it has none)."""
     from transformers import AutoTokenizer
 
-    location, extra = _split_gguf(resolve_model_name(name_or_path))
+    location, extra = _split_gguf(_local_location(name_or_path, TOKENIZER_FOLDER_FILES))
     tokenizer = AutoTokenizer.from_pretrained(location, **extra)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -58,9 +126,10 @@ def load_tokenizer(name_or_path: str):
 
 def load_model(name_or_path: str, dtype: str = "float32", load_in_8bit: bool = False, load_in_4bit: bool = False):
     """Load a causal LM from a hub id, a local folder or a `.gguf` file (dequantized by transformers)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    location, extra = _split_gguf(resolve_model_name(name_or_path))
+    location, extra = _split_gguf(_local_location(name_or_path, MODEL_FOLDER_FILES))
     if load_in_8bit or load_in_4bit:
         if not torch.cuda.is_available():
             raise ValueError(
@@ -72,6 +141,8 @@ def load_model(name_or_path: str, dtype: str = "float32", load_in_8bit: bool = F
         extra["quantization_config"] = BitsAndBytesConfig(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
     try:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype], **extra)
+    except SafetensorError as error:
+        raise invalid_weights_error(location, error) from error
     except OSError as error:
         raise OSError(
             f"Could not load the model {name_or_path!r}: {error}. Pass a local folder or .gguf file, "

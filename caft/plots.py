@@ -36,8 +36,17 @@ def read_loss_log(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: pass a run folder written by `caft train` or `caft train-heads`.")
+    try:
+        return _read_rows(path)
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path} is not valid UTF-8 text ({error}). Restore the loss_log.csv that `caft train` wrote."
+        ) from error
+
+
+def _read_rows(path: Path) -> list[dict]:
     rows = []
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         if not reader.fieldnames or "step" not in reader.fieldnames or "split" not in reader.fieldnames:
             raise ValueError(f"{path}: expected a header with the columns step and split, got {reader.fieldnames}.")
