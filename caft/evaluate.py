@@ -65,7 +65,7 @@ def load_for_eval(model_path: str, base_model: str | None = None, dtype: str = "
     embedded model.
     """
     from .assets import resolve_model_name
-    from .loading import load_model, load_tokenizer
+    from .loading import load_adapter_model, load_model, load_tokenizer
 
     model_path = resolve_model_name(model_path)
     adapter_config = Path(model_path) / "adapter_config.json"
@@ -74,15 +74,9 @@ def load_for_eval(model_path: str, base_model: str | None = None, dtype: str = "
         model.eval()
         return model, tokenizer
 
-    from peft import PeftModel
-
-    if base_model is None:
-        base_model = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
-        if not base_model:
-            raise ValueError(f"{adapter_config} has no base_model_name_or_path; pass the base model explicitly.")
+    model, base_model = load_adapter_model(model_path, base_model, dtype=dtype)
     base_model = resolve_model_name(base_model)
-    logger.info("Loading the adapter %s on top of %s", model_path, base_model)
-    model = PeftModel.from_pretrained(load_model(base_model, dtype=dtype), model_path)
+    logger.info("Loaded the adapter %s on top of %s", model_path, base_model)
     has_tokenizer = any((Path(model_path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = load_tokenizer(model_path if has_tokenizer else base_model)
     model.eval()

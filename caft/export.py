@@ -9,7 +9,6 @@ folder, `<out>/heads` (config.json + model.safetensors), which `caft train -hdir
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -66,7 +65,7 @@ def export_model(
     """
     from transformers import AutoModelForCausalLM
 
-    from .loading import DTYPES, invalid_weights_error, load_tokenizer
+    from .loading import DTYPES, invalid_weights_error, load_adapter_model, load_tokenizer
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not run_dir.exists():
@@ -80,9 +79,7 @@ def export_model(
     if adapter_config.is_file():
         from .assets import resolve_model_name
 
-        base_name = base_model or _configured_base_model(adapter_config)
-        base = _load_base_model(base_name, adapter_config if base_model is None else None)
-        peft_model = _load_adapter(base, run_dir, base_name)
+        peft_model, base_name = load_adapter_model(run_dir, base_model, dtype="float32")
         _untie_adapted_embeddings(peft_model)
         model = peft_model.merge_and_unload()
         tokenizer_source = run_dir if (run_dir / "tokenizer_config.json").is_file() else resolve_model_name(base_name)
@@ -114,64 +111,6 @@ def _check_out_dir(out_dir: Path) -> None:
     check_output_folder(out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()):
         raise FileExistsError(f"Export folder {out_dir} exists and is not empty; choose another --out.")
-
-
-def _configured_base_model(adapter_config: Path) -> str:
-    """Read base_model_name_or_path from an adapter_config.json, and raise ValueError naming the file when it is unreadable."""
-    try:
-        data = json.loads(adapter_config.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(
-            f"{adapter_config}: invalid JSON ({error}). Restore the adapter_config.json that `caft train` wrote."
-        ) from error
-    base_name = data.get("base_model_name_or_path") if isinstance(data, dict) else None
-    if not isinstance(base_name, str) or not base_name:
-        raise ValueError(f"{adapter_config} names no base_model_name_or_path. Pass the base model with --base-model.")
-    return base_name
-
-
-def _load_base_model(base_name: str, adapter_config: Path | None):
-    """Load the base model in float32. `adapter_config` is the file that named it, None when --base-model did."""
-    from .loading import load_model, looks_like_local_path
-
-    if adapter_config is None:
-        return load_model(base_name, dtype="float32")
-    if looks_like_local_path(base_name) and not Path(base_name).expanduser().exists():
-        raise FileNotFoundError(
-            f"The base model {base_name} named in {adapter_config} was not found. "
-            "Pass the base model the adapter was trained on with --base-model."
-        )
-    try:
-        return load_model(base_name, dtype="float32")
-    except (OSError, ValueError) as error:
-        message = (
-            f"Could not load the base model {base_name} named in {adapter_config}: {error} "
-            "Pass the base model the adapter was trained on with --base-model."
-        )
-        raise (OSError(message) if isinstance(error, OSError) else ValueError(message)) from error
-
-
-def _load_adapter(base: nn.Module, run_dir: Path, base_name: str):
-    """Load the adapter in `run_dir` onto `base`, and raise ValueError naming the folders when it is corrupt or does not fit."""
-    from peft import PeftModel
-    from safetensors import SafetensorError
-
-    try:
-        return PeftModel.from_pretrained(base, str(run_dir))
-    except SafetensorError as error:
-        weights = run_dir / "adapter_model.safetensors"
-        raise ValueError(
-            f"{weights} is not a valid safetensors file (truncated or corrupt): {error}. Restore it or retrain."
-        ) from error
-    except RuntimeError as error:
-        # torch's load_state_dict reports tensors of another shape as "size mismatch for <name>: ...".
-        if "size mismatch" not in str(error):
-            raise
-        first = next((line.strip().rstrip(".") for line in str(error).splitlines() if "size mismatch" in line), "")
-        raise ValueError(
-            f"The adapter in {run_dir} does not fit the base model {base_name} ({first}). "
-            "Pass the base model the adapter was trained on with --base-model."
-        ) from error
 
 
 def _save_plain(model: nn.Module, out_dir: Path) -> None:

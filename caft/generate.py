@@ -868,15 +868,14 @@ def load_model_for_generation(name_or_path: str, dtype: str = "float32") -> tupl
     Returns (model, tokenizer, the model's folder or None for a hub id).
     """
     from .assets import resolve_model_name
-    from .loading import load_model, load_tokenizer
+    from .loading import load_adapter_model, load_model, load_tokenizer
 
     folder = Path(name_or_path)
     adapter_config = folder / "adapter_config.json"
     if adapter_config.is_file():
-        from peft import PeftModel
-
-        base_name = json.loads(adapter_config.read_text())["base_model_name_or_path"]
-        model = PeftModel.from_pretrained(load_model(base_name, dtype), str(folder)).merge_and_unload()
+        hint = "Correct base_model_name_or_path in that file, or export the run with `caft export RUN --base-model BASE`."
+        adapter_model, base_name = load_adapter_model(folder, dtype=dtype, base_hint=hint)
+        model = adapter_model.merge_and_unload()
         tokenizer_source = str(folder) if (folder / "tokenizer_config.json").is_file() else base_name
     else:
         model = load_model(name_or_path, dtype)

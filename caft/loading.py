@@ -6,6 +6,7 @@ Credentials come from the environment or a `.env` file in the working directory
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -154,3 +155,72 @@ def load_model(name_or_path: str, dtype: str = "float32", load_in_8bit: bool = F
             del model.config.quantization_config
         model.hf_quantizer = None
     return model
+
+
+BASE_MODEL_HINT = "Pass the base model the adapter was trained on with --base-model."
+
+
+def load_adapter_model(run_dir: str | Path, base_model: str | None = None, dtype: str = "float32",
+                       base_hint: str = BASE_MODEL_HINT):
+    """Load a PEFT adapter folder onto its base model; return (PeftModel, base model name).
+
+    The base is `base_model` or the adapter_config.json's base_model_name_or_path. Errors name the
+    file or folder at fault: an unreadable config, a base that is missing or of another shape, and
+    truncated adapter weights.
+    """
+    run_dir = Path(run_dir)
+    adapter_config = run_dir / "adapter_config.json"
+    base_name = base_model or _configured_base_model(adapter_config)
+    base = _load_base_model(base_name, adapter_config if base_model is None else None, dtype, base_hint)
+    return _load_adapter(base, run_dir, base_name, base_hint), base_name
+
+
+def _configured_base_model(adapter_config: Path) -> str:
+    """Read base_model_name_or_path from an adapter_config.json, and raise ValueError naming the file when it is unreadable."""
+    try:
+        data = json.loads(adapter_config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{adapter_config}: invalid JSON ({error}). Restore the adapter_config.json that `caft train` wrote."
+        ) from error
+    base_name = data.get("base_model_name_or_path") if isinstance(data, dict) else None
+    if not isinstance(base_name, str) or not base_name:
+        raise ValueError(f"{adapter_config} names no base_model_name_or_path. Pass the base model with --base-model.")
+    return base_name
+
+
+def _load_base_model(base_name: str, adapter_config: Path | None, dtype: str, base_hint: str):
+    """Load the base model. `adapter_config` is the file that named it, None when --base-model did."""
+    if adapter_config is None:
+        return load_model(base_name, dtype=dtype)
+    if looks_like_local_path(base_name) and not Path(base_name).expanduser().exists():
+        raise FileNotFoundError(
+            f"The base model {base_name} named in {adapter_config} was not found. {base_hint}"
+        )
+    try:
+        return load_model(base_name, dtype=dtype)
+    except (OSError, ValueError) as error:
+        message = f"Could not load the base model {base_name} named in {adapter_config}: {error} {base_hint}"
+        raise (OSError(message) if isinstance(error, OSError) else ValueError(message)) from error
+
+
+def _load_adapter(base, run_dir: Path, base_name: str, base_hint: str):
+    """Load the adapter in `run_dir` onto `base`, and raise ValueError naming the folders when it is corrupt or does not fit."""
+    from peft import PeftModel
+    from safetensors import SafetensorError
+
+    try:
+        return PeftModel.from_pretrained(base, str(run_dir))
+    except SafetensorError as error:
+        weights = run_dir / "adapter_model.safetensors"
+        raise ValueError(
+            f"{weights} is not a valid safetensors file (truncated or corrupt): {error}. Restore it or retrain."
+        ) from error
+    except RuntimeError as error:
+        # torch's load_state_dict reports tensors of another shape as "size mismatch for <name>: ...".
+        if "size mismatch" not in str(error):
+            raise
+        first = next((line.strip().rstrip(".") for line in str(error).splitlines() if "size mismatch" in line), "")
+        raise ValueError(
+            f"The adapter in {run_dir} does not fit the base model {base_name} ({first}). {base_hint}"
+        ) from error

@@ -115,11 +115,26 @@ def test_generate_truncated_heads(capsys, tiny_model_dir, truncated_heads_dir):
     assert f"{truncated_heads_dir / 'model.safetensors'} is not a valid safetensors file" in err
 
 
-def test_export_truncated_adapter(capsys, adapter_dir, tmp_path):
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["export", "{run}", "--out", "{tmp}/export"],
+        ["eval", "{run}", "--task", "gsm8k", "--data", "{data}", "--out", "{tmp}/eval"],
+        ["generate", "-model", "{run}", "--heads", "{heads}", "--prompt", "hi"],
+    ],
+    ids=["export", "eval", "generate"],
+)
+def test_truncated_adapter_is_named(capsys, adapter_dir, heads_dir, gsm8k_files, tmp_path, command):
     run = copy_adapter(adapter_dir, tmp_path / "run")
     truncate(run / "adapter_model.safetensors")
+    places = {"{run}": str(run), "{tmp}": str(tmp_path), "{data}": str(gsm8k_files[1]), "{heads}": str(heads_dir)}
+    arguments = []
+    for value in command:
+        for key, place in places.items():
+            value = value.replace(key, place)
+        arguments.append(value)
 
-    code, err = run_cli(capsys, "export", run, "--out", tmp_path / "export")
+    code, err = run_cli(capsys, *arguments)
 
     assert code == EXIT_INPUT_ERROR
     assert f"{run / 'adapter_model.safetensors'} is not a valid safetensors file" in err
@@ -274,7 +289,8 @@ def test_generate_adapter_base_missing(capsys, adapter_dir, tmp_path):
     code, err = run_cli(capsys, "generate", "-model", run, "--prompt", "Hi")
 
     assert code == EXIT_INPUT_ERROR
-    assert f"model path {tmp_path / 'moved-base'} does not exist" in err
+    assert f"The base model {tmp_path / 'moved-base'} named in {run / 'adapter_config.json'} was not found" in err
+    assert "--base-model" not in err.split("caft export")[0]  # generate has no --base-model flag
 
 
 @pytest.mark.parametrize("name", ["HuggingFaceTB/SmolLM2-135M-Instruct-nonexistent", "gpt2-nonexistent"])
