@@ -310,7 +310,19 @@ def training_arguments(config: TrainConfig, output_dir: Path, **overrides):
         disable_tqdm=False,
     )
     values.update(overrides)
+    _warn_about_ignored_sharding(values["use_cpu"])
     return TrainingArguments(**values)
+
+
+def _warn_about_ignored_sharding(use_cpu: bool) -> None:
+    """Warn when `accelerate launch` asked for FSDP or DeepSpeed on a machine where training runs as CPU DDP."""
+    requested = [name for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+                 if os.environ.get(variable, "").lower() == "true"]
+    if use_cpu and requested:
+        logger.warning(
+            "accelerate launch asked for %s, but without a GPU the processes train with plain DDP over gloo, so "
+            "parameters are not sharded. Use configs/accelerate/ddp.yaml on machines without a GPU.", requested[0],
+        )
 
 
 def _has_accelerator() -> bool:

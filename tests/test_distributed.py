@@ -361,6 +361,19 @@ def test_accelerate_configs_parse_with_known_keys():
         assert defaults.distributed_type.value == raw["distributed_type"]
 
 
+def test_fsdp_without_gpu_warns(tmp_path, monkeypatch, caplog):
+    """accelerate launch with fsdp2.yaml sets ACCELERATE_USE_FSDP; on CPU, training is plain DDP."""
+    from caft.config import TrainConfig
+    from caft.train import training_arguments
+
+    monkeypatch.setattr("caft.train._has_accelerator", lambda: False)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with caplog.at_level("WARNING", logger="caft.train"):
+        training_arguments(TrainConfig(), tmp_path, has_eval=False)
+
+    assert any("parameters are not sharded" in record.getMessage() for record in caplog.records)
+
+
 def test_sharded_configs_keep_full_loading():
     """Heads copy the last decoder layer before sharding; loading must not leave it empty or partitioned."""
     import yaml
