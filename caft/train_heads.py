@@ -89,6 +89,9 @@ def run_train_heads(config: TrainConfig) -> TrainResult:
     from .packing import check_packing_attention, pack_datasets
 
     start = time.time()
+    for flag, value, meaningful in (("--mode", config.mode, "caft"), ("--finetune-method", config.finetune_method, "lora")):
+        if value != meaningful:
+            logger.warning("%s %s is ignored: train-heads trains only the heads, with the base model frozen.", flag, value)
     config.mode = "caft"
     output_dir = resolve_output_dir(config)
     previous = read_previous_config(config, output_dir)

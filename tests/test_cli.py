@@ -224,8 +224,9 @@ def test_train_heads_command_saves_heads_each_epoch(tiny_model_dir, gsm8k_files,
     out = tmp_path / "heads-run"
     result = run_caft("train-heads", "-model", tiny_model_dir, "-ts", train, "-es", test, "--prompt-field", "question",
                       "--response-field", "answer", "-maxlen", "128", "-micro-bs", "8", "-e", "2", "-heads", "3",
-                      "--output-dir", out)
+                      "-ftm", "sft", "--output-dir", out)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "--finetune-method sft is ignored" in result.stderr
     for name in ("heads/config.json", "heads/README.md", "heads-epoch-1/model.safetensors",
                  "heads-epoch-2/model.safetensors"):
         assert (out / name).is_file(), name
