@@ -266,6 +266,10 @@ def _detect_format(row: dict, location: str, prompt_field: str | None, system_fi
         # A held-out file in a chat format next to a training file that needs the mapping.
         logger.info("%s: rows in the %s format, so --prompt-field/--response-field do not apply to this file.", location, detected)
         return detected
+    present = [item.name for item in _LIST_FORMATS if item.key in row]
+    present += [_PROMPT_COMPLETION] if "prompt" in row and "completion" in row else []
+    if len(present) > 1:
+        logger.warning("%s: the rows have fields of several formats (%s); reading them as %s.", location, ", ".join(present), detected)
     if detected is None:
         examples = "\n".join(f"  {name}: {example}" for name, example in _EXAMPLES.items())
         raise DataError(

@@ -93,6 +93,16 @@ def test_field_mapping_skips_chat_format_files(write_jsonl, caplog):
     assert any("do not apply to this file" in record.getMessage() for record in caplog.records)
 
 
+def test_several_formats_in_a_row_are_named(write_jsonl, caplog):
+    rows = [{"messages": USER_ASSISTANT, "prompt": "other", "completion": "other"}]
+    with caplog.at_level("WARNING", logger="caft.data"):
+        conversations, _ = read_conversations(write_jsonl(rows))
+
+    assert conversations == [USER_ASSISTANT]
+    assert any("OpenAI messages, prompt/completion); reading them as OpenAI messages" in record.getMessage()
+               for record in caplog.records)
+
+
 def test_empty_replies_are_counted_in_a_warning(write_jsonl, caplog):
     rows = [{"messages": USER_ASSISTANT}, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}]
     with caplog.at_level("WARNING", logger="caft.data"):
