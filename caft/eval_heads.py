@@ -31,6 +31,8 @@ from .paths import check_output_folder
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_NUM_HEADS = 4
+
 TOP_K = 5
 RANKS = 10
 """`rank_accuracy[r]` for r < RANKS: the share of targets that are the head's rank-r token (0 = its best)."""
@@ -38,7 +40,7 @@ RESULTS_NAME = "eval_heads.json"
 CHART_NAME = "eval_heads.png"
 
 
-def load_heads(model, heads_source: str | None, num_heads: int = 4):
+def load_heads(model, heads_source: str | None, num_heads: int = DEFAULT_NUM_HEADS):
     """Attach heads to `model`: read from a heads folder or file, or new copies of the last layer when None."""
     from .heads import HeadsConfig, build_heads, infer_config_from_state, load_heads_state, read_heads_file
     from .model import add_auxiliary_heads
@@ -163,7 +165,9 @@ def register(subparsers) -> None:
     parser.add_argument("--model", "-model", default="smollm2", help="Base model: hub id, folder, or 'smollm2' (default: %(default)s).")
     parser.add_argument("--heads", "-hdir", default=None,
                         help="Heads folder or file; without it, copies of the last decoder layer (the untrained baseline).")
-    parser.add_argument("--num-heads", type=int, default=4, help="Heads to build when --heads is not given (default: %(default)s).")
+    parser.add_argument(
+        "--num-heads", type=int, default=DEFAULT_NUM_HEADS, help="Heads to build when --heads is not given (default: %(default)s)."
+    )
     parser.add_argument("--data", required=True, help="Held-out conversations, .jsonl or .json, in any format caft reads.")
     parser.add_argument("--prompt-field", default=None, help="JSON field holding the prompt, for rows in no chat format.")
     parser.add_argument("--response-field", default=None, help="JSON field holding the reply, for rows in no chat format.")
@@ -192,6 +196,8 @@ def _command_eval_heads(args: argparse.Namespace) -> int:
     for name in ("batch_size", "chunk_size", "num_heads", "model_max_length"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
+    if args.heads and args.num_heads != DEFAULT_NUM_HEADS:
+        logger.warning("--num-heads %d is ignored: the heads in %s decide their number.", args.num_heads, args.heads)
     out_dir = Path(args.out) if args.out else _default_out(args.heads)
     check_output_folder(out_dir)
     tokenizer = load_tokenizer(args.model)

@@ -311,7 +311,19 @@ def training_arguments(config: TrainConfig, output_dir: Path, **overrides):
     )
     values.update(overrides)
     _warn_about_ignored_sharding(values["use_cpu"])
+    _check_deepspeed_installed()
     return TrainingArguments(**values)
+
+
+def _check_deepspeed_installed() -> None:
+    """Raise a clear error when `accelerate launch` asked for DeepSpeed but the package is missing."""
+    import importlib.util
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and importlib.util.find_spec("deepspeed") is None:
+        raise ValueError(
+            "accelerate launch asked for DeepSpeed, but the deepspeed package is not installed. Install it "
+            "(pip install deepspeed) or launch with another config, such as configs/accelerate/ddp.yaml."
+        )
 
 
 def _warn_about_ignored_sharding(use_cpu: bool) -> None:

@@ -374,6 +374,20 @@ def test_fsdp_without_gpu_warns(tmp_path, monkeypatch, caplog):
     assert any("parameters are not sharded" in record.getMessage() for record in caplog.records)
 
 
+def test_deepspeed_without_package_is_a_clear_error(tmp_path, monkeypatch):
+    """accelerate launch with a DeepSpeed config sets ACCELERATE_USE_DEEPSPEED; without the package, one clear message."""
+    import importlib.util
+
+    from caft.config import TrainConfig
+    from caft.train import training_arguments
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("deepspeed is installed here, so there is no missing package to report")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match="the deepspeed package is not installed"):
+        training_arguments(TrainConfig(), tmp_path, has_eval=False)
+
+
 def test_sharded_configs_keep_full_loading():
     """Heads copy the last decoder layer before sharding; loading must not leave it empty or partitioned."""
     import yaml

@@ -129,10 +129,11 @@ def test_command_writes_json_and_chart(tiny_model_dir, model_with_heads, tmp_pat
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(
         [sys.executable, "-m", "caft.cli", "eval-heads", "--model", str(tiny_model_dir), "--heads", str(tmp_path / "heads"),
-         "--data", str(data), "-maxlen", "64", "--size", "2"],
+         "--data", str(data), "-maxlen", "64", "--size", "2", "--num-heads", "5"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert result.returncode == 0, result.stderr
+    assert "--num-heads 5 is ignored" in result.stderr  # the saved heads decide
     report = json.loads((tmp_path / "heads" / "eval" / "eval_heads.json").read_text())
     assert report["rows"] == 2
     assert [entry["head"] for entry in report["heads_results"]] == [0, 1, 2, 3]
