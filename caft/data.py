@@ -259,15 +259,14 @@ def _iter_json_array(path: Path) -> Iterator[tuple[str, object]]:
 
 def _detect_format(row: dict, location: str, prompt_field: str | None, system_field: str | None) -> str:
     """Return the format name of the first row, or raise a DataError listing the supported formats."""
-    detected = _row_format(row)
+    present = _row_formats(row)
+    detected = present[0] if present else None
     if prompt_field is not None:
         if prompt_field in row or detected is None:
             return _FIELD_MAPPING
         # A held-out file in a chat format next to a training file that needs the mapping.
         logger.info("%s: rows in the %s format, so --prompt-field/--response-field do not apply to this file.", location, detected)
         return detected
-    present = [item.name for item in _LIST_FORMATS if item.key in row]
-    present += [_PROMPT_COMPLETION] if "prompt" in row and "completion" in row else []
     if len(present) > 1:
         logger.warning("%s: the rows have fields of several formats (%s); reading them as %s.", location, ", ".join(present), detected)
     if detected is None:
@@ -285,13 +284,17 @@ def _detect_format(row: dict, location: str, prompt_field: str | None, system_fi
     return detected
 
 
-def _row_format(row: dict) -> str | None:
-    for list_format in _LIST_FORMATS:
-        if list_format.key in row:
-            return list_format.name
+def _row_formats(row: dict) -> list[str]:
+    """Return the names of the formats whose fields the row has; the first is the format that is read."""
+    present = [list_format.name for list_format in _LIST_FORMATS if list_format.key in row]
     if "prompt" in row and "completion" in row:
-        return _PROMPT_COMPLETION
-    return None
+        present.append(_PROMPT_COMPLETION)
+    return present
+
+
+def _row_format(row: dict) -> str | None:
+    present = _row_formats(row)
+    return present[0] if present else None
 
 
 def _field_list(row: dict) -> str:

@@ -273,12 +273,12 @@ def load_safetensors_file(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from .loading import invalid_weights_error
+
     try:
         return load_file(str(path))
     except SafetensorError as error:
-        raise ValueError(
-            f"{path} is not a valid safetensors file (truncated or corrupt): {error}. Restore it or retrain."
-        ) from error
+        raise invalid_weights_error(path, error) from error
 
 
 def _load_pth_file(path: Path) -> dict[str, torch.Tensor]:
@@ -290,13 +290,6 @@ def _load_pth_file(path: Path) -> dict[str, torch.Tensor]:
             f"{path} is not a heads weights file ({type(error).__name__} while loading it with weights_only=True). "
             "Pass the heads folder that `caft train-heads` wrote, or its model.safetensors or heads.pth."
         ) from error
-
-
-def _is_local_heads_path(source: str) -> bool:
-    """Tell whether a heads path that does not exist was meant as a local path rather than a hub repo id."""
-    if source.startswith(("/", ".", "~")) or source.endswith("/"):
-        return True
-    return Path(source).parent != Path(".") and Path(source).parent.exists()
 
 
 def read_heads_file(source: str | Path) -> tuple[HeadsConfig | None, dict[str, torch.Tensor], str]:
@@ -320,7 +313,9 @@ def read_heads_file(source: str | Path) -> tuple[HeadsConfig | None, dict[str, t
         if path.suffix == ".safetensors":
             return None, load_safetensors_file(path), str(path)
         return None, _load_pth_file(path), str(path)
-    if _is_local_heads_path(str(source)):
+    from .loading import looks_like_local_path
+
+    if looks_like_local_path(str(source)):
         raise FileNotFoundError(
             f"The heads path {source} does not exist. Check the path, or pass a heads folder, "
             "a heads.pth or .safetensors file, or a hub repo id of the form owner/name."

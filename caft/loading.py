@@ -45,10 +45,11 @@ TOKENIZER_FOLDER_FILES = ("config.json", "tokenizer_config.json", "tokenizer.jso
 def looks_like_local_path(name: str) -> bool:
     """Tell whether `name` is meant as a local path rather than a hub id.
 
-    True when it starts with `/`, `.` or `~`, names an existing file or folder, or contains a
-    path separator and its parent folder exists (`org/model` is a hub id unless `org/` exists here).
+    True when it starts with `/`, `.` or `~`, ends with `/`, names an existing file or folder, or
+    contains a path separator and its parent folder exists (`org/model` is a hub id unless `org/`
+    exists here).
     """
-    if name.startswith(("/", ".", "~")):
+    if name.startswith(("/", ".", "~")) or name.endswith("/"):
         return True
     path = Path(name)
     if path.exists():
@@ -93,13 +94,19 @@ def _local_location(name_or_path, folder_files: tuple[str, ...]) -> str:
 
 
 def invalid_weights_error(location: str | Path, error: Exception) -> ValueError:
-    """Build the error for a model whose safetensors weights are truncated or corrupt, naming the file when it is the only one."""
-    folder = Path(location)
-    weights = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    where = str(weights[0]) if len(weights) == 1 else f"A .safetensors file of the model {location}"
+    """Build the error for safetensors weights that are truncated or corrupt.
+
+    `location` is the weights file, or a model folder, whose file is named when it has only one.
+    """
+    path = Path(location)
+    if path.is_file():
+        where = str(path)
+    else:
+        weights = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+        where = str(weights[0]) if len(weights) == 1 else f"A .safetensors file of the model {location}"
     return ValueError(
         f"{where} is not a valid safetensors file (truncated or corrupt): {error}. "
-        "Restore it, or download or export the model again."
+        "Restore it, or write it again (train, download or export)."
     )
 
 
@@ -212,10 +219,7 @@ def _load_adapter(base, run_dir: Path, base_name: str, base_hint: str):
     try:
         return PeftModel.from_pretrained(base, str(run_dir))
     except SafetensorError as error:
-        weights = run_dir / "adapter_model.safetensors"
-        raise ValueError(
-            f"{weights} is not a valid safetensors file (truncated or corrupt): {error}. Restore it or retrain."
-        ) from error
+        raise invalid_weights_error(run_dir / "adapter_model.safetensors", error) from error
     except RuntimeError as error:
         # torch's load_state_dict reports tensors of another shape as "size mismatch for <name>: ...".
         if "size mismatch" not in str(error):

@@ -38,6 +38,7 @@ from .config import TrainConfig, save_config
 from .heads import HeadsConfig, build_heads, load_heads_state, read_heads_file, save_heads
 from .model import CAFTState, add_auxiliary_heads, unwrap_causal_lm
 from .original import PUBLISHED_HEADS_WIRING, check_hub_reachable, is_published_heads, published_heads_repo
+from .paths import check_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +63,7 @@ def resolve_output_dir(config: TrainConfig) -> Path:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         config.output_dir = str(Path("runs") / f"{model_name}-{config.mode}-{config.finetune_method}-{stamp}")
     path = Path(config.output_dir)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"--output-dir {path} is a file; pass a folder path (it is created if missing).")
+    check_output_folder(path, "--output-dir")
     # Only the main process checks: the others could already see files it wrote a moment ago.
     is_main = int(os.environ.get("RANK", "0")) == 0
     if is_main and path.is_dir() and any(path.iterdir()) and not (config.continue_from_checkpoint or config.overwrite_output_dir):
@@ -118,15 +118,16 @@ HEADS_FLAGS = {
 """TrainConfig fields that a saved heads folder decides, with the HeadsConfig field and the flag of each."""
 
 
-def _take_saved_heads_settings(config: TrainConfig, heads_config: HeadsConfig, source: str) -> None:
-    """Set the config's head settings to those of the loaded heads, so config.yaml records what was trained.
+def _take_saved_heads_settings(config: TrainConfig, heads_config: HeadsConfig, saved: HeadsConfig, source: str) -> None:
+    """Copy the saved heads' settings into the heads to build and into the run's config, which config.yaml records.
 
-    A value that differs from both the heads' and the flag's default was most likely typed by the
-    user, and gets a warning, since the heads folder decides.
+    A config value that differs from both the saved one and the flag's default was most likely
+    typed by the user, and gets a warning, since the heads folder decides.
     """
     defaults = {item.name: item.default for item in fields(TrainConfig)}
     for field_name, (heads_name, flag) in HEADS_FLAGS.items():
-        used = getattr(heads_config, heads_name)
+        used = getattr(saved, heads_name)
+        setattr(heads_config, heads_name, used)
         flag_value = getattr(config, field_name)
         if flag_value != used and flag_value != defaults[field_name]:
             logger.warning("%s %s is ignored: the heads in %s have %s %s.", flag, flag_value, source, heads_name, used)
@@ -167,9 +168,7 @@ def setup_heads(model: nn.Module, config: TrainConfig, published_default: bool =
             check_hub_reachable(heads_source)
         saved_config, weights, source = read_heads_file(heads_source)
         if saved_config is not None:
-            for name in ("num_heads", "num_layers", "arch", "wiring", "separate_unembed"):
-                setattr(heads_config, name, getattr(saved_config, name))
-            _take_saved_heads_settings(config, heads_config, source)
+            _take_saved_heads_settings(config, heads_config, saved_config, source)
             logger.info("Using the heads in %s (%s)", source, heads_config)
         elif is_published_heads(heads_source):
             # The published heads.pth has no config; those heads were trained with the original wiring.
@@ -225,8 +224,8 @@ def checkpointing_arguments(enabled: bool) -> dict:
     """
     from transformers import TrainingArguments
 
-    fields = TrainingArguments.__dataclass_fields__
-    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    known = TrainingArguments.__dataclass_fields__
+    name = "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
     return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
@@ -315,11 +314,16 @@ def training_arguments(config: TrainConfig, output_dir: Path, **overrides):
     return TrainingArguments(**values)
 
 
+def _launched_with(variable: str) -> bool:
+    """Return whether `accelerate launch` set `variable` (ACCELERATE_USE_FSDP, ACCELERATE_USE_DEEPSPEED) to true."""
+    return os.environ.get(variable, "").lower() == "true"
+
+
 def _check_deepspeed_installed() -> None:
-    """Raise a clear error when `accelerate launch` asked for DeepSpeed but the package is missing."""
+    """Raise a clear error when `accelerate launch` requested DeepSpeed but the package is missing."""
     import importlib.util
 
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and importlib.util.find_spec("deepspeed") is None:
+    if _launched_with("ACCELERATE_USE_DEEPSPEED") and importlib.util.find_spec("deepspeed") is None:
         raise ValueError(
             "accelerate launch asked for DeepSpeed, but the deepspeed package is not installed. Install it "
             "(pip install deepspeed) or launch with another config, such as configs/accelerate/ddp.yaml."
@@ -327,9 +331,9 @@ def _check_deepspeed_installed() -> None:
 
 
 def _warn_about_ignored_sharding(use_cpu: bool) -> None:
-    """Warn when `accelerate launch` asked for FSDP or DeepSpeed on a machine where training runs as CPU DDP."""
-    requested = [name for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
-                 if os.environ.get(variable, "").lower() == "true"]
+    """Warn when `accelerate launch` requested FSDP or DeepSpeed on a machine where training runs as CPU DDP."""
+    engines = (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+    requested = [name for name, variable in engines if _launched_with(variable)]
     if use_cpu and requested:
         logger.warning(
             "accelerate launch asked for %s, but without a GPU the processes train with plain DDP over gloo, so "

@@ -405,9 +405,9 @@ def _drop_head_patterns(adapter_config_path: str) -> None:
     changed = False
     for key in ("rank_pattern", "alpha_pattern"):
         patterns = config.get(key) or {}
-        kept = {pattern: value for pattern, value in patterns.items() if pattern != HEADS_LORA_PATTERN}
-        if kept != patterns:
-            config[key] = kept
+        without_heads = {pattern: value for pattern, value in patterns.items() if pattern != HEADS_LORA_PATTERN}
+        if without_heads != patterns:
+            config[key] = without_heads
             changed = True
     if changed:
         with open(adapter_config_path, "w", encoding="utf-8") as handle:

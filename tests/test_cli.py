@@ -198,7 +198,7 @@ def test_output_dir_that_is_a_file_is_rejected(tiny_model_dir, gsm8k_files, tmp_
 
     result = run_caft(*tiny_run_args(tiny_model_dir, gsm8k_files, target))
     assert result.returncode == 2
-    assert "is a file; pass a folder path" in result.stderr
+    assert f"{target} is a file. Pass a folder with --output-dir" in result.stderr
     assert target.read_text() == "keep me"
 
 
@@ -246,7 +246,7 @@ def test_yaml_numbers_without_dot_are_converted(tmp_path):
 
 
 # A command that opens a one-process gloo group, keeps a DDP wrapper in a reference cycle (as the
-# Trainer does) and ends as MODE says. It prints whether the wrapper was still alive when
+# Trainer does) and ends in the way MODE names. It prints whether the wrapper was still alive when
 # `caft.cli` closed the group.
 EXIT_PATH_SCRIPT = """
 import argparse, sys, weakref
@@ -300,7 +300,7 @@ def test_process_group_closes_after_wrapper_freed(tmp_path, mode, code):
 
 
 def test_heads_folder_settings_win_with_warning(tiny_model_dir, gsm8k_files, tmp_path, caplog):
-    """-hdir heads with 2 heads and -heads 3 on the command line: 2 heads train, config.yaml says 2, and a warning says why."""
+    """-hdir heads with 2 heads and -heads 3 on the command line: 2 heads train, config.yaml records 2, and a warning explains why."""
     from transformers import AutoModelForCausalLM
 
     from caft.heads import HeadsConfig, build_heads, save_heads

@@ -204,7 +204,7 @@ def test_resume_rejects_other_finetune_method(tmp_path, monkeypatch, tiny_model_
     assert (run_dir / "config.yaml").read_text() == config_before  # the refused resume leaves the record alone
 
 
-def test_resume_with_other_steps_warns_and_drops_later_rows(tmp_path, monkeypatch, tiny_model_dir, gsm8k_files, caplog):
+def test_resume_changed_steps_drops_rows(tmp_path, monkeypatch, tiny_model_dir, gsm8k_files, caplog):
     """A crash after step 3 with checkpoint-2, resumed with another --max-steps: a warning, both settings
     files, and a loss log without the interrupted run's step 3."""
     run_dir = tmp_path / "run"
